@@ -1,0 +1,9 @@
+"""One LightningModule per topic of the notes, on a shared classification base."""
+
+from lightning_modules.base import ClassificationModule
+from lightning_modules.cnn import CNNClassifier
+from lightning_modules.mlp import MLPClassifier
+from lightning_modules.rnn import RNNClassifier
+from lightning_modules.y_network import YNetworkClassifier
+
+__all__ = ["CNNClassifier", "ClassificationModule", "MLPClassifier", "RNNClassifier", "YNetworkClassifier"]

@@ -1,0 +1,171 @@
+"""The classification base every supervised topic module builds on.
+
+A subclass builds ``self.net`` (any ``nn.Module`` mapping a batch to ``self.out_features`` outputs) and
+gets the rest: the loss matched to the output layer, torchmetrics accuracy and top-k error, logging under
+the project's keys (``train/loss``, ``val/loss``, ``val/acc``, ``val/top5_err``, ``test/acc``, ...), the
+optimiser and scheduler from the config, checks that the data fits the model, and ``save_hyperparameters``
+so ``load_from_checkpoint`` works without the training script.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torchmetrics import MeanAbsoluteError, MetricCollection
+from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
+
+from lightning_modules.layers import InitName, keras_init_
+from lightning_modules.losses import Task, task_loss
+
+
+def warn_if_narrow(widths: Sequence[int], num_classes: int, where: str) -> None:
+    """The notes: hidden layers narrower than the class count lose information. Warn, do not forbid."""
+    narrow = [w for w in widths if w < num_classes]
+    if narrow:
+        rank_zero_warn(
+            f"{where}: hidden width(s) {narrow} are below the number of classes ({num_classes}); such a "
+            "bottleneck loses information the output layer needs. Use at least num_classes units."
+        )
+
+
+class ClassificationModule(pl.LightningModule):
+    """Supervised base module. Subclasses set ``self.net`` after calling ``super().__init__``.
+
+    Args:
+        num_classes: Number of classes (``multiclass``); ignored by ``binary`` and ``regression``.
+        task: ``multiclass`` (N logits, softmax/CE), ``binary`` (1 logit, sigmoid/BCE) or ``regression``
+            (1 linear output, MSE), the output-layer rules of the notes.
+        input_shape: ``(C, H, W)`` of one input; checked against the datamodule's ``dims``.
+        optimizer: Optimiser factory, e.g. ``torch.optim.Adam`` with its init args in the YAML.
+        lr_scheduler: Optional scheduler factory; ``ReduceLROnPlateau`` monitors ``val/loss``.
+        init: ``keras`` re-initialises the network with Keras defaults (the book recipes), ``torch``
+            keeps PyTorch's.
+        prob_clip: Keras clips probabilities to ``[eps, 1-eps]`` in its cross-entropies (1e-7); 0 disables.
+        top_k: k of the top-k error (``val/top5_err`` for k=5), logged when there are more than k classes.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        task: Task = "multiclass",
+        input_shape: Sequence[int] = (1, 28, 28),
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        init: InitName = "keras",
+        prob_clip: float = 0.0,
+        top_k: int = 5,
+    ) -> None:
+        super().__init__()
+        if task not in ("multiclass", "binary", "regression"):
+            raise ValueError(f"task={task!r}: choose 'multiclass', 'binary' or 'regression'.")
+        if task == "multiclass" and num_classes < 2:
+            raise ValueError(f"num_classes={num_classes}: a multiclass task needs at least 2 classes.")
+        self.save_hyperparameters()
+        self.task = task
+        self.num_classes = num_classes
+        self.input_shape = tuple(input_shape)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.example_input_array = torch.zeros(2, *self.input_shape)
+        self.train_metrics = self._make_metrics("train")
+        self.val_metrics = self._make_metrics("val")
+        self.test_metrics = self._make_metrics("test")
+
+    @property
+    def out_features(self) -> int:
+        """Width of the output layer: N for multiclass, 1 for binary and regression."""
+        return self.num_classes if self.task == "multiclass" else 1
+
+    def _make_metrics(self, stage: str) -> MetricCollection:
+        if self.task == "multiclass":
+            metrics = {"acc": MulticlassAccuracy(self.num_classes, average="micro")}
+            k = self.hparams.top_k
+            if stage != "train" and self.num_classes > k:
+                metrics[f"top{k}_err"] = 1 - MulticlassAccuracy(self.num_classes, top_k=k, average="micro")
+        elif self.task == "binary":
+            metrics = {"acc": BinaryAccuracy()}
+        else:
+            metrics = {"mae": MeanAbsoluteError()}
+        return MetricCollection(metrics, prefix=f"{stage}/", compute_groups=False)
+
+    def init_weights(self) -> None:
+        """Apply the configured initialisation to ``self.net``; subclasses call it once the net exists."""
+        if self.hparams.init == "keras":
+            keras_init_(self.net)
+
+    # ---- forward and steps ---------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def _metric_inputs(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        if self.task == "multiclass":
+            return logits, target.argmax(dim=-1) if target.is_floating_point() else target
+        if self.task == "binary":
+            return logits.reshape(-1), target.reshape(-1).long()
+        return logits.reshape(target.shape), target
+
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = task_loss(logits, y, self.task, self.hparams.prob_clip)
+        batch_size = len(x)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True,
+                 batch_size=batch_size)
+        metrics = getattr(self, f"{stage}_metrics")
+        metrics.update(*self._metric_inputs(logits.detach(), y))
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=batch_size)
+        return loss
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "test")
+
+    def predict_step(self, batch: tuple[Tensor, Tensor] | Tensor, batch_idx: int) -> Tensor:
+        """Class probabilities (multiclass: softmax rows, binary: P(class 1)) or regression values."""
+        x = batch[0] if isinstance(batch, list | tuple) else batch
+        logits = self(x)
+        if self.task == "multiclass":
+            return logits.softmax(dim=-1)
+        return logits.sigmoid().reshape(-1) if self.task == "binary" else logits
+
+    # ---- optimisation --------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(p for p in self.parameters() if p.requires_grad)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        config = {"scheduler": scheduler, "interval": "epoch"}
+        if isinstance(scheduler, ReduceLROnPlateau):
+            config["monitor"] = "val/loss"
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    # ---- input checks --------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None:
+            return
+        name = type(datamodule).__name__
+        dims = getattr(datamodule, "dims", None)
+        if dims is not None and tuple(dims) != self.input_shape:
+            raise ValueError(
+                f"{name} yields inputs of shape {tuple(dims)} but the model was built for input_shape="
+                f"{self.input_shape}. Set --model.init_args.input_shape '{list(dims)}' (or pick a datamodule "
+                "that matches the model)."
+            )
+        data_classes = getattr(datamodule, "num_classes", None)
+        if self.task == "multiclass" and data_classes is not None and data_classes != self.num_classes:
+            raise ValueError(
+                f"{name} has {data_classes} classes but the model was built with num_classes="
+                f"{self.num_classes}. Set --model.init_args.num_classes {data_classes}."
+            )

@@ -1,0 +1,137 @@
+"""The one command-line entry point: LightningCLI over every topic module and datamodule.
+
+    python scripts/train.py fit -c configs/mnist/cnn.yaml
+    python scripts/train.py fit -c configs/mnist/cnn.yaml --model.init_args.dropout 0.3 --trainer.max_epochs 3
+    python scripts/train.py test -c configs/mnist/cnn.yaml --ckpt_path best
+    python scripts/train.py fit -c configs/mnist/cnn.yaml --print_config
+
+Besides LightningCLI's own behaviour this CLI:
+- gives every logger of a run one shared run directory (``<save_dir>/<name>/version_N``), so metrics.csv,
+  TensorBoard events, ``config.yaml``, checkpoints and pictures sit together;
+- ``--test_after_fit true`` evaluates the best checkpoint on the test split right after ``fit``;
+- in a fresh ``validate``/``test``/``predict`` process, ``--ckpt_path best|last`` resolves to the best or last
+  checkpoint of the newest earlier run of the same experiment;
+- prints a short summary (run directory, best checkpoint, test metrics) at the end.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from pytorch_lightning import LightningDataModule, LightningModule, Trainer
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.utilities import rank_zero_info
+
+# The in-memory datamodules batch by tensor slicing: worker processes would only add overhead. The modules
+# log epoch aggregates, so Lightning's advice about the per-step logging interval does not apply either.
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+
+
+def share_run_dir(trainer: Trainer) -> None:
+    """Give loggers that share ``save_dir`` and ``name`` with the first one its version, hence its directory."""
+    if len(trainer.loggers) < 2:
+        return
+    first = trainer.loggers[0]
+    for logger in trainer.loggers[1:]:
+        same_root = logger.save_dir == first.save_dir and logger.name == first.name
+        if same_root and getattr(logger, "_version", "unset") is None:
+            logger._version = first.version
+
+
+def previous_run_dirs(trainer: Trainer) -> list[Path]:
+    """Earlier run directories of this experiment (same logger save_dir/name), newest first."""
+    if not trainer.loggers or trainer.loggers[0].save_dir is None:
+        return []
+    root = Path(trainer.loggers[0].save_dir) / (trainer.loggers[0].name or "")
+    runs = [p for p in root.glob("*") if (p / "checkpoints").is_dir()]
+    return sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def resolve_checkpoint(trainer: Trainer, which: str) -> str:
+    """``best``/``last`` -> a checkpoint path of the newest earlier run, or a clear error."""
+    runs = previous_run_dirs(trainer)
+    for run in runs:
+        last = run / "checkpoints" / "last.ckpt"
+        if which == "last" and last.is_file():
+            return str(last)
+        if which == "best" and last.is_file():
+            state = torch.load(last, map_location="cpu", weights_only=True)
+            for key, value in state.get("callbacks", {}).items():
+                best = value.get("best_model_path") if key.startswith("ModelCheckpoint") else None
+                if best and Path(best).is_file():
+                    return best
+    raise FileNotFoundError(
+        f"--ckpt_path {which}: no earlier run of this experiment with a checkpoints/last.ckpt was found under "
+        f"{Path(trainer.loggers[0].save_dir) / trainer.loggers[0].name if trainer.loggers else '(no logger)'}."
+        " Run `fit` first with the same config (its ModelCheckpoint needs save_last: true), or pass the path "
+        "of a .ckpt file."
+    )
+
+
+class TemplateCLI(LightningCLI):
+    """LightningCLI with the run-directory, test-after-fit and checkpoint-resolution conveniences."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--test_after_fit", type=bool, default=False,
+            help="After fit, evaluate the best checkpoint (or the final weights) on the test split.",
+        )
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        share_run_dir(trainer)
+        return trainer
+
+    def _resolve_ckpt_alias(self) -> None:
+        cfg = self.config_init[self.subcommand]
+        if cfg.get("ckpt_path") in ("best", "last"):
+            cfg["ckpt_path"] = resolve_checkpoint(self.trainer, cfg["ckpt_path"])
+            rank_zero_info(f"Using checkpoint {cfg['ckpt_path']}")
+
+    before_validate = before_test = before_predict = _resolve_ckpt_alias
+
+    def after_fit(self) -> None:
+        test_metrics = {}
+        if self.config_init["fit"].get("test_after_fit"):
+            callback = self.trainer.checkpoint_callback
+            has_best = isinstance(callback, ModelCheckpoint) and callback.best_model_path
+            results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
+            test_metrics = results[0] if results else {}
+        self._summary(test_metrics)
+
+    def after_test(self) -> None:
+        self._summary(self.trainer.callback_metrics)
+
+    def _summary(self, metrics) -> None:
+        lines = [f"Run directory: {self.trainer.log_dir}"]
+        callback = self.trainer.checkpoint_callback
+        if isinstance(callback, ModelCheckpoint) and callback.best_model_path:
+            score = callback.best_model_score
+            lines.append(
+                f"Best checkpoint: {callback.best_model_path} ({callback.monitor} = {float(score):.4f})"
+                if score is not None else f"Best checkpoint: {callback.best_model_path}"
+            )
+        lines += [f"{k} = {float(v):.4f}" for k, v in sorted(metrics.items()) if k.startswith("test/")]
+        rank_zero_info("\n".join(lines))
+
+
+def main(args: list[str] | None = None, run: bool = True) -> TemplateCLI:
+    return TemplateCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+if __name__ == "__main__":
+    main()

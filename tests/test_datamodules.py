@@ -1,0 +1,159 @@
+"""Datamodules read the real on-disk formats, split with a seed, and normalise with training-split statistics."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_idx, write_mnist
+from torchvision.datasets import MNIST
+
+from datamodules import CorruptDataError, DataNotFoundError, DigitsDataModule, MNISTDataModule
+from datamodules.base import channel_stats
+
+
+def test_mnist_reads_raw_layout(mnist_dir):
+    dm = MNISTDataModule(data_dir=str(mnist_dir), val_size=56, batch_size=32)
+    dm.prepare_data()  # files present: must not try to download
+    dm.setup("fit")
+    dm.setup("test")
+    assert len(dm.train_set) == 200 and len(dm.val_set) == 56 and len(dm.test_set) == 64
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (32, 1, 28, 28) and x.dtype == torch.uint8
+    assert y.dtype == torch.int64 and 0 <= y.min() and y.max() <= 9
+    x, y = dm.on_after_batch_transfer((x, y), 0)
+    assert x.dtype == torch.float32 and 0.0 <= x.min() and x.max() <= 1.0 and x.max() == 1.0
+
+
+def test_mnist_reads_gzipped_files(tmp_path):
+    root = write_mnist(tmp_path, n_train=40, n_test=10, compress=True)
+    assert not list((root / "MNIST" / "raw").glob("*-ubyte"))
+    dm = MNISTDataModule(data_dir=str(root), val_size=0.25)
+    dm.setup("fit")
+    assert len(dm.train_set) == 30 and len(dm.val_set) == 10
+
+
+def test_split_is_seeded_and_disjoint(mnist_dir):
+    def split(seed):
+        dm = MNISTDataModule(data_dir=str(mnist_dir), val_size=56, seed=seed)
+        dm.setup("fit")
+        return dm.train_set.images, dm.val_set.images
+
+    train_a, val_a = split(1)
+    train_b, val_b = split(1)
+    _, val_c = split(2)
+    assert torch.equal(val_a, val_b) and torch.equal(train_a, train_b)
+    assert not torch.equal(val_a, val_c)
+    # Every image lands in exactly one of train/val: sizes add up and the pixel sums match the full file.
+    full = MNISTDataModule(data_dir=str(mnist_dir)).load_split("train")[0]
+    assert train_a.sum() + val_a.sum() == full.sum()
+
+
+def test_standardize_uses_training_split_only(mnist_dir):
+    dm = MNISTDataModule(data_dir=str(mnist_dir), val_size=128, normalize="standardize")
+    dm.setup("fit")
+    train = dm.train_set.images.double()
+    assert dm.mean.item() == pytest.approx(train.mean().item(), rel=1e-5)
+    assert dm.std.item() == pytest.approx(train.std(unbiased=False).item(), rel=1e-5)
+    everything = torch.cat([dm.train_set.images, dm.val_set.images]).double()
+    assert dm.mean.item() != pytest.approx(everything.mean().item(), rel=1e-6)
+    # The same statistics normalise validation and test batches.
+    dm.setup("test")
+    x, _ = dm.on_after_batch_transfer(next(iter(dm.test_dataloader())), 0)
+    expected = (dm.test_set.images[: len(x)].double() - train.mean()) / train.std(unbiased=False)
+    assert torch.allclose(x.double(), expected, atol=1e-4)
+
+
+def test_stats_travel_in_state_dict(mnist_dir):
+    dm = MNISTDataModule(data_dir=str(mnist_dir), normalize="standardize", val_size=10)
+    dm.setup("fit")
+    restored = MNISTDataModule(data_dir=str(mnist_dir), normalize="standardize")
+    restored.load_state_dict(dm.state_dict())
+    assert torch.equal(restored.mean, dm.mean) and torch.equal(restored.std, dm.std)
+
+
+def test_channel_stats_match_float_computation():
+    images = torch.randint(0, 256, (17, 3, 5, 4), dtype=torch.uint8)
+    mean, std = channel_stats(images)
+    ref = images.double().transpose(0, 1).reshape(3, -1)
+    assert torch.allclose(mean.double(), ref.mean(1), atol=1e-4)
+    assert torch.allclose(std.double(), ref.std(1, unbiased=False), atol=1e-4)
+
+
+def test_one_hot_targets(mnist_dir):
+    dm = MNISTDataModule(data_dir=str(mnist_dir), val_size=16, target_format="one_hot", batch_size=8)
+    dm.setup("fit")
+    raw_x, raw_y = next(iter(dm.val_dataloader()))
+    _, y = dm.on_after_batch_transfer((raw_x, raw_y), 0)
+    assert y.shape == (8, 10) and y.dtype == torch.float32
+    assert torch.equal(y.argmax(1), raw_y) and torch.all(y.sum(1) == 1)
+
+
+def test_missing_data_without_network_names_the_fix(tmp_path, monkeypatch):
+    # A closed local port stands in for "no network": the real download code runs and fails at once.
+    monkeypatch.setattr(MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    dm = MNISTDataModule(data_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(DataNotFoundError) as err:
+        dm.prepare_data()
+    message = str(err.value)
+    assert str(tmp_path / "nowhere" / "MNIST" / "raw") in message
+    assert "train-images-idx3-ubyte" in message and "http://127.0.0.1:9/" in message
+    assert "data_dir" in message
+
+
+def test_setup_without_files_raises_data_not_found(tmp_path):
+    with pytest.raises(DataNotFoundError, match="data_dir"):
+        MNISTDataModule(data_dir=str(tmp_path)).setup("fit")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda p: p.write_bytes(p.read_bytes()[:-100]),  # truncated
+        lambda p: p.write_bytes(b"\x00\x00\x08\x01" + p.read_bytes()[4:]),  # wrong magic (a label file's)
+        lambda p: p.write_bytes(b""),  # empty
+    ],
+    ids=["truncated", "bad-magic", "empty"],
+)
+def test_corrupt_idx_names_the_file(mnist_dir, damage):
+    path = mnist_dir / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    damage(path)
+    with pytest.raises(CorruptDataError, match="train-images-idx3-ubyte"):
+        MNISTDataModule(data_dir=str(mnist_dir)).setup("fit")
+
+
+def test_corrupt_gzip_names_the_file(tmp_path):
+    root = write_mnist(tmp_path, n_train=20, n_test=5, compress=True)
+    path = root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz"
+    path.write_bytes(gzip.compress(path.read_bytes())[:30])  # not a valid gzip of an IDX file any more
+    with pytest.raises(CorruptDataError, match="t10k-labels-idx1-ubyte.gz"):
+        MNISTDataModule(data_dir=str(root)).setup("test")
+
+
+def test_label_out_of_range_is_reported(mnist_dir):
+    write_idx(mnist_dir / "MNIST" / "raw" / "t10k-labels-idx1-ubyte", np.full(64, 12, dtype=np.uint8))
+    with pytest.raises(CorruptDataError, match="10 classes"):
+        MNISTDataModule(data_dir=str(mnist_dir)).setup("test")
+
+
+def test_digits_look_like_mnist():
+    dm = DigitsDataModule(val_size=0.1)
+    dm.setup("fit")
+    dm.setup("test")
+    assert len(dm.train_set) + len(dm.val_set) + len(dm.test_set) == 1797
+    assert len(dm.test_set) == 360
+    images = dm.train_set.images
+    assert images.shape[1:] == (1, 28, 28) and images.dtype == torch.uint8
+    assert images.max() == 255 and images[:, :, :4].max() == 0  # digit centred in a 4-pixel empty frame
+    assert set(dm.test_set.targets.tolist()) == set(range(10))
+    # The test split does not depend on the train/val seed.
+    other = DigitsDataModule(seed=7)
+    other.setup("test")
+    assert torch.equal(other.test_set.images, dm.test_set.images)
+
+
+def test_bad_val_size_is_reported(mnist_dir):
+    with pytest.raises(ValueError, match="val_size"):
+        MNISTDataModule(data_dir=str(mnist_dir), val_size=10_000).setup("fit")

@@ -1,0 +1,199 @@
+"""Topic networks match the book's layer shapes; the base module trains, checks its inputs and reloads."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from datamodules import DigitsDataModule
+from lightning_modules import CNNClassifier, MLPClassifier, RNNClassifier, YNetworkClassifier
+from lightning_modules.layers import LockedDropout, activation, keras_init_
+from lightning_modules.losses import task_loss
+
+
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize(
+    ("cls", "params"),
+    [
+        (MLPClassifier, 269_322),  # Keras summary of the book MLP
+        (CNNClassifier, 80_266),  # Keras summary of the book CNN
+        (RNNClassifier, 75_530 + 256),  # Keras SimpleRNN has one bias vector, PyTorch two (b_ih, b_hh)
+        (YNetworkClassifier, 2 * (320 + 18_496 + 73_856) + (2 * 3 * 3 * 128 * 10 + 10)),
+    ],
+)
+def test_book_networks(cls, params):
+    model = cls()
+    assert n_params(model) == params
+    assert model(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+
+
+def test_cnn_flatten_is_576():
+    head = CNNClassifier().net[-1]
+    assert head.in_features == 576
+
+
+@pytest.mark.parametrize("merge", ["concat", "add", "multiply"])
+def test_y_network_merges_and_takes_two_inputs(merge):
+    model = YNetworkClassifier(merge=merge).eval()
+    x = torch.rand(2, 1, 28, 28)
+    assert model(x).shape == (2, 10)
+    assert torch.allclose(model(x), model(x, x))
+    assert not torch.allclose(model(x), model(x, torch.zeros_like(x)))
+    flat = model.net.head[-1].in_features
+    assert flat == (3 * 3 * 256 if merge == "concat" else 3 * 3 * 128)
+
+
+def test_y_network_branches_use_their_dilation():
+    left, right = YNetworkClassifier().net.branches
+    assert left[0].dilation == (1, 1) and right[0].dilation == (2, 2)
+
+
+def test_rnn_reads_rows_as_time_steps():
+    model = RNNClassifier(units=16, dropout=0.0).eval()
+    assert model.net.rnn.input_size == 28
+    x = torch.rand(2, 1, 28, 28)
+    x_last_row_changed = x.clone()
+    x_last_row_changed[:, :, -1] += 1
+    # The output depends on the last row (the last time step) ...
+    assert not torch.allclose(model(x), model(x_last_row_changed))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_rnn_cells(cell):
+    model = RNNClassifier(units=32, cell=cell)
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_locked_dropout_uses_one_mask_per_sequence():
+    torch.manual_seed(0)
+    drop = LockedDropout(0.5).train()
+    out = drop(torch.ones(4, 7, 16))
+    zero = out == 0
+    assert zero.any() and (~zero).any()
+    assert torch.equal(zero, zero[:, :1].expand_as(zero))  # the same units dropped at every step
+    assert torch.allclose(out[~zero], torch.tensor(2.0))  # inverted-dropout scaling
+    assert torch.equal(drop.eval()(torch.ones(2, 3, 4)), torch.ones(2, 3, 4))
+
+
+def test_keras_init():
+    torch.manual_seed(0)
+    lstm = keras_init_(nn.LSTM(8, 5))
+    assert torch.equal(lstm.bias_ih_l0[5:10], torch.ones(5))  # forget gate
+    assert torch.count_nonzero(lstm.bias_hh_l0) == 0
+    for gate in lstm.weight_hh_l0.chunk(4):
+        assert torch.allclose(gate @ gate.T, torch.eye(5), atol=1e-5)
+    dense = keras_init_(nn.Linear(300, 100))
+    limit = math.sqrt(6 / 400)
+    assert dense.weight.abs().max() <= limit and dense.weight.abs().max() > 0.9 * limit
+    assert torch.count_nonzero(dense.bias) == 0
+
+
+def test_activation_by_name():
+    assert isinstance(activation("selu"), nn.SELU)
+    with pytest.raises(ValueError, match="relu"):
+        activation("swishy")
+
+
+def test_integer_and_one_hot_targets_give_the_same_loss():
+    logits = torch.randn(6, 4)
+    target = torch.tensor([0, 3, 1, 2, 2, 0])
+    one_hot = nn.functional.one_hot(target, 4).float()
+    sparse = task_loss(logits, target, "multiclass")
+    assert torch.allclose(sparse, nn.functional.cross_entropy(logits, target))
+    assert torch.allclose(task_loss(logits, one_hot, "multiclass"), sparse)
+
+
+def test_prob_clip_bounds_the_loss_like_keras():
+    logits = torch.tensor([[50.0, -50.0]])
+    wrong = torch.tensor([1])
+    assert task_loss(logits, wrong, "multiclass") > 90
+    assert task_loss(logits, wrong, "multiclass", prob_clip=1e-7) == pytest.approx(-math.log(1e-7), rel=1e-4)
+    assert task_loss(torch.tensor([[-40.0]]), torch.tensor([1.0]), "binary", 1e-7) == pytest.approx(
+        -math.log(1e-7), rel=1e-4
+    )
+
+
+def test_binary_and_regression_heads():
+    binary = MLPClassifier(task="binary", hidden_units=(8,))
+    assert binary(torch.rand(5, 1, 28, 28)).shape == (5, 1)
+    logits, y = torch.randn(5, 1), torch.tensor([0, 1, 1, 0, 1])
+    assert torch.allclose(
+        task_loss(logits, y, "binary"), nn.functional.binary_cross_entropy_with_logits(logits[:, 0], y.float())
+    )
+    regression = MLPClassifier(task="regression", hidden_units=(8,), input_shape=(1, 1, 13))
+    assert regression(torch.rand(5, 1, 1, 13)).shape == (5, 1)
+    assert task_loss(torch.ones(5, 1), torch.zeros(5), "regression") == pytest.approx(1.0)
+
+
+def test_narrow_hidden_layer_warns():
+    with pytest.warns(UserWarning, match="below the number of classes"):
+        MLPClassifier(hidden_units=(256, 4))
+
+
+def _trainer(tmp_path, **kwargs) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, default_root_dir=tmp_path,
+    )
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def test_training_lowers_the_loss_and_learns(tmp_path):
+    pl.seed_everything(0)
+    dm = DigitsDataModule(batch_size=64)
+    model = MLPClassifier(hidden_units=(64,), dropout=0.1)
+    trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=0)
+    before = trainer.validate(model, datamodule=dm, verbose=False)[0]
+    trainer = _trainer(tmp_path, max_epochs=5)
+    trainer.fit(model, datamodule=dm)
+    after = trainer.validate(model, datamodule=dm, verbose=False)[0]
+    assert after["val/loss"] < 0.5 * before["val/loss"]
+    assert after["val/acc"] > 0.85
+    assert 0.0 <= after["val/top5_err"] < 0.05
+    result = trainer.test(model, datamodule=dm, verbose=False)[0]
+    assert set(result) >= {"test/loss", "test/acc", "test/top5_err"}
+
+
+def test_one_hot_targets_train(tmp_path):
+    dm = DigitsDataModule(batch_size=64, target_format="one_hot")
+    trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=3, limit_val_batches=2)
+    trainer.fit(MLPClassifier(hidden_units=(32,)), datamodule=dm)
+    assert 0.0 <= trainer.callback_metrics["val/acc"] <= 1.0
+
+
+def test_class_count_mismatch_is_reported(tmp_path):
+    trainer = _trainer(tmp_path, fast_dev_run=True)
+    with pytest.raises(ValueError, match="num_classes 10"):
+        trainer.fit(MLPClassifier(num_classes=5, hidden_units=(16,)), datamodule=DigitsDataModule())
+
+
+def test_input_shape_mismatch_is_reported(tmp_path):
+    trainer = _trainer(tmp_path, fast_dev_run=True)
+    with pytest.raises(ValueError, match="input_shape"):
+        trainer.fit(CNNClassifier(input_shape=(3, 32, 32)), datamodule=DigitsDataModule())
+
+
+def test_scheduler_from_config_and_checkpoint_reload(tmp_path):
+    from functools import partial
+
+    model = CNNClassifier(
+        filters=(8, 8),
+        optimizer=partial(torch.optim.SGD, lr=0.1),
+        lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
+    )
+    trainer = _trainer(tmp_path, max_epochs=2, limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(model, datamodule=DigitsDataModule())
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.025)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    restored = CNNClassifier.load_from_checkpoint(path, weights_only=False)
+    assert restored.hparams.filters == (8, 8)
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.allclose(restored.eval()(x), model.eval()(x))
