@@ -50,7 +50,10 @@ class DigitsDataModule(ImageDataModule):
     def _splits(self) -> dict[str, tuple[Tensor, Tensor]]:
         images, labels = digits_as_mnist()
         train_idx, test_idx = train_test_split(
-            torch.arange(len(labels)).numpy(), test_size=self.test_size, stratify=labels.numpy(), random_state=0
+            torch.arange(len(labels)).numpy(),
+            test_size=self.test_size,
+            stratify=labels.numpy(),
+            random_state=0,
         )
         return {
             "train": (images[train_idx], labels[train_idx]),

@@ -26,7 +26,7 @@ MNIST_FILES = {
 def read_idx_ubyte(path: Path, ndim: int) -> Tensor:
     """Read an unsigned-byte IDX file (optionally gzipped) into a ``uint8`` tensor, checking its header."""
     try:
-        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError, zlib.error) as err:
         raise CorruptDataError(

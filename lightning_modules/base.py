@@ -115,8 +115,15 @@ class ClassificationModule(pl.LightningModule):
         logits = self(x)
         loss = task_loss(logits, y, self.task, self.hparams.prob_clip)
         batch_size = len(x)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True,
-                 batch_size=batch_size)
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=True,
+            batch_size=batch_size,
+        )
         metrics = getattr(self, f"{stage}_metrics")
         metrics.update(*self._metric_inputs(logits.detach(), y))
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=batch_size)

@@ -70,6 +70,14 @@ class CNNClassifier(ClassificationModule):
     ) -> None:
         super().__init__(**kwargs)
         self.net = ConvNet(
-            self.input_shape, filters, self.out_features, kernel_size, pool_size, stride, padding, dropout, activation
+            self.input_shape,
+            filters,
+            self.out_features,
+            kernel_size,
+            pool_size,
+            stride,
+            padding,
+            dropout,
+            activation,
         )
         self.init_weights()

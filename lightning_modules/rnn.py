@@ -21,8 +21,14 @@ class RowRNN(nn.Module):
     """``(B, C, H, W)`` images -> ``H`` steps of ``C*W`` features -> recurrent layer -> last state -> Dense."""
 
     def __init__(
-        self, features: int, units: int, out_features: int, cell: CellName, num_layers: int,
-        dropout: float, nonlinearity: str,
+        self,
+        features: int,
+        units: int,
+        out_features: int,
+        cell: CellName,
+        num_layers: int,
+        dropout: float,
+        nonlinearity: str,
     ) -> None:
         super().__init__()
         self.input_dropout = LockedDropout(dropout)

@@ -44,8 +44,15 @@ class YNet(nn.Module):
     """
 
     def __init__(
-        self, input_shape: Sequence[int], filters: Sequence[int], dilations: Sequence[int], kernel_size: int,
-        dropout: float, merge: MergeName, act: str, out_features: int,
+        self,
+        input_shape: Sequence[int],
+        filters: Sequence[int],
+        dilations: Sequence[int],
+        kernel_size: int,
+        dropout: float,
+        merge: MergeName,
+        act: str,
+        out_features: int,
     ) -> None:
         super().__init__()
         if merge not in ("concat", "add", "multiply"):

@@ -78,7 +78,9 @@ class TemplateCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
-            "--test_after_fit", type=bool, default=False,
+            "--test_after_fit",
+            type=bool,
+            default=False,
             help="After fit, evaluate the best checkpoint (or the final weights) on the test split.",
         )
 
@@ -96,28 +98,27 @@ class TemplateCLI(LightningCLI):
     before_validate = before_test = before_predict = _resolve_ckpt_alias
 
     def after_fit(self) -> None:
-        test_metrics = {}
-        if self.config_init["fit"].get("test_after_fit"):
-            callback = self.trainer.checkpoint_callback
-            has_best = isinstance(callback, ModelCheckpoint) and callback.best_model_path
-            results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
-            test_metrics = results[0] if results else {}
-        self._summary(test_metrics)
-
-    def after_test(self) -> None:
-        self._summary(self.trainer.callback_metrics)
-
-    def _summary(self, metrics) -> None:
-        lines = [f"Run directory: {self.trainer.log_dir}"]
+        lines = []
         callback = self.trainer.checkpoint_callback
         if isinstance(callback, ModelCheckpoint) and callback.best_model_path:
             score = callback.best_model_score
-            lines.append(
-                f"Best checkpoint: {callback.best_model_path} ({callback.monitor} = {float(score):.4f})"
-                if score is not None else f"Best checkpoint: {callback.best_model_path}"
-            )
-        lines += [f"{k} = {float(v):.4f}" for k, v in sorted(metrics.items()) if k.startswith("test/")]
-        rank_zero_info("\n".join(lines))
+            score_text = f" ({callback.monitor} = {float(score):.4f})" if score is not None else ""
+            lines.append(f"Best checkpoint: {callback.best_model_path}{score_text}")
+        if self.config_init["fit"].get("test_after_fit"):
+            ckpt = "best" if lines else None
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+            lines += self._test_lines()
+        self._summary(lines)
+
+    def after_test(self) -> None:
+        self._summary([f"Evaluated checkpoint: {self.trainer.ckpt_path}", *self._test_lines()])
+
+    def _test_lines(self) -> list[str]:
+        metrics = self.trainer.callback_metrics
+        return [f"{k} = {float(v):.4f}" for k, v in sorted(metrics.items()) if k.startswith("test/")]
+
+    def _summary(self, lines: list[str]) -> None:
+        rank_zero_info("\n".join([f"Run directory: {self.trainer.log_dir}", *lines]))
 
 
 def main(args: list[str] | None = None, run: bool = True) -> TemplateCLI:

@@ -22,9 +22,9 @@ def test_mnist_reads_raw_layout(mnist_dir):
     assert len(dm.train_set) == 200 and len(dm.val_set) == 56 and len(dm.test_set) == 64
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (32, 1, 28, 28) and x.dtype == torch.uint8
-    assert y.dtype == torch.int64 and 0 <= y.min() and y.max() <= 9
+    assert y.dtype == torch.int64 and y.min() >= 0 and y.max() <= 9
     x, y = dm.on_after_batch_transfer((x, y), 0)
-    assert x.dtype == torch.float32 and 0.0 <= x.min() and x.max() <= 1.0 and x.max() == 1.0
+    assert x.dtype == torch.float32 and x.min() >= 0.0 and x.max() <= 1.0 and x.max() == 1.0
 
 
 def test_mnist_reads_gzipped_files(tmp_path):
@@ -128,7 +128,7 @@ def test_corrupt_gzip_names_the_file(tmp_path):
     root = write_mnist(tmp_path, n_train=20, n_test=5, compress=True)
     path = root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz"
     path.write_bytes(gzip.compress(path.read_bytes())[:30])  # not a valid gzip of an IDX file any more
-    with pytest.raises(CorruptDataError, match="t10k-labels-idx1-ubyte.gz"):
+    with pytest.raises(CorruptDataError, match=r"t10k-labels-idx1-ubyte\.gz"):
         MNISTDataModule(data_dir=str(root)).setup("test")
 
 

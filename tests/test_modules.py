@@ -125,7 +125,8 @@ def test_binary_and_regression_heads():
     assert binary(torch.rand(5, 1, 28, 28)).shape == (5, 1)
     logits, y = torch.randn(5, 1), torch.tensor([0, 1, 1, 0, 1])
     assert torch.allclose(
-        task_loss(logits, y, "binary"), nn.functional.binary_cross_entropy_with_logits(logits[:, 0], y.float())
+        task_loss(logits, y, "binary"),
+        nn.functional.binary_cross_entropy_with_logits(logits[:, 0], y.float()),
     )
     regression = MLPClassifier(task="regression", hidden_units=(8,), input_shape=(1, 1, 13))
     assert regression(torch.rand(5, 1, 1, 13)).shape == (5, 1)
@@ -139,8 +140,13 @@ def test_narrow_hidden_layer_warns():
 
 def _trainer(tmp_path, **kwargs) -> pl.Trainer:
     defaults = dict(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
     )
     return pl.Trainer(**{**defaults, **kwargs})
 

@@ -1,0 +1,128 @@
+"""The CLI end to end: every config instantiates, every MNIST topic fits, fit -> test --ckpt_path best works."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from train import main
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "logger" not in p.parts)
+MNIST_TOPICS = sorted((ROOT / "configs" / "mnist").glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs/ and any default_root_dir land in the test's folder
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+@pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_every_config_instantiates(config):
+    cli = main(["-c", str(config)], run=False)
+    assert cli.model.hparams.num_classes == cli.datamodule.num_classes
+    assert tuple(cli.model.hparams.input_shape) == tuple(cli.datamodule.dims)
+
+
+def test_wandb_snippet_appends_a_logger():
+    cli = main(["-c", str(ROOT / "configs/mnist/cnn.yaml"), "-c", str(ROOT / "configs/logger/wandb.yaml")], run=False)
+    names = [type(logger).__name__ for logger in cli.trainer.loggers]
+    assert names == ["CSVLogger", "TensorBoardLogger", "WandbLogger"]
+
+
+@pytest.mark.parametrize("config", MNIST_TOPICS, ids=lambda p: p.stem)
+def test_fit_fast_dev_run(config, mnist_dir):
+    cli = main(
+        [
+            "fit",
+            "-c",
+            str(config),
+            "--data.init_args.data_dir",
+            str(mnist_dir),
+            "--trainer.fast_dev_run",
+            "2",
+            "--data.init_args.val_size",
+            "64",
+        ]
+    )
+    assert cli.trainer.state.finished
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+
+
+def test_fit_then_test_best_checkpoint_in_a_new_process(mnist_dir, tmp_path, caplog):
+    common = [
+        "-c",
+        str(ROOT / "configs/mnist/mlp.yaml"),
+        "--data.init_args.data_dir",
+        str(mnist_dir),
+        "--data.init_args.val_size",
+        "64",
+    ]
+    fit = main(["fit", *common, "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "2"])
+    run_dir = Path(fit.trainer.log_dir).resolve()
+    assert run_dir == tmp_path / "runs" / "mnist_mlp" / "version_0"
+    # One directory holds everything of the run: resolved config, CSV metrics, TensorBoard events, checkpoints.
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "metrics.csv").is_file()
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["trainer"]["max_epochs"] == 3
+    best = fit.trainer.checkpoint_callback.best_model_path
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        test = main(["test", *common, "--ckpt_path", "best"])
+    assert test.trainer.ckpt_path == best
+    assert 0.0 <= test.trainer.callback_metrics["test/acc"] <= 1.0
+    assert f"Evaluated checkpoint: {best}" in caplog.text and "test/acc = " in caplog.text
+
+
+def test_ckpt_alias_without_earlier_run_is_explained(mnist_dir):
+    with pytest.raises(FileNotFoundError, match="Run `fit` first"):
+        main(
+            [
+                "test",
+                "-c",
+                str(ROOT / "configs/mnist/mlp.yaml"),
+                "--data.init_args.data_dir",
+                str(mnist_dir),
+                "--ckpt_path",
+                "best",
+            ]
+        )
+
+
+def test_unknown_config_key_is_a_parser_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(ROOT / "configs/mnist/cnn.yaml"), "--model.init_args.dropuot", "0.3"])
+    assert exit_info.value.code != 0
+    assert "dropuot" in capsys.readouterr().err
+
+
+def test_print_config_reflects_overrides(capsys):
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "fit",
+                "-c",
+                str(ROOT / "configs/mnist/cnn.yaml"),
+                "--model.init_args.dropout",
+                "0.3",
+                "--print_config",
+            ]
+        )
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["dropout"] == 0.3
+    assert printed["model"]["init_args"]["optimizer"]["init_args"]["eps"] == 1e-07
+
+
+def test_quickstart_config_trains_and_tests(tmp_path):
+    cli = main(["fit", "-c", str(ROOT / "configs/quickstart.yaml"), "--trainer.max_epochs", "2"])
+    assert cli.trainer.current_epoch == 2
+    assert "test/acc" in cli.trainer.callback_metrics
+    assert (Path(cli.trainer.log_dir) / "curves.png").is_file()
