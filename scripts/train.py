@@ -90,6 +90,9 @@ class TemplateCLI(LightningCLI):
         return trainer
 
     def _resolve_ckpt_alias(self) -> None:
+        # Evaluating a checkpoint in a new run directory: the checkpoint callback's note that it will not
+        # track the old directory's top-k is noise here.
+        warnings.filterwarnings("ignore", ".*The dirpath has changed from.*")
         cfg = self.config_init[self.subcommand]
         if cfg.get("ckpt_path") in ("best", "last"):
             cfg["ckpt_path"] = resolve_checkpoint(self.trainer, cfg["ckpt_path"])
@@ -122,16 +125,22 @@ class TemplateCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None, run: bool = True) -> TemplateCLI:
-    return TemplateCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+    try:
+        return TemplateCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+        )
+    finally:
+        # Lightning keeps the process group alive after fit/test. Left to the interpreter's exit, gloo's
+        # threads can abort the process (SIGABRT, exit code 134) after a successful run: close it here.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

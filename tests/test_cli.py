@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,3 +129,41 @@ def test_quickstart_config_trains_and_tests(tmp_path):
     assert cli.trainer.current_epoch == 2
     assert "test/acc" in cli.trainer.callback_metrics
     assert (Path(cli.trainer.log_dir) / "curves.png").is_file()
+
+
+def test_validate_and_predict_from_the_last_checkpoint(mnist_dir):
+    common = ["-c", str(ROOT / "configs/mnist/cnn.yaml"), "--data.init_args.data_dir", str(mnist_dir)]
+    common += ["--data.init_args.val_size", "64", "--trainer.callbacks+=callbacks.ActivationMaps"]
+    main(["fit", *common, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"])
+    validate = main(["validate", *common, "--ckpt_path", "last"])
+    assert validate.trainer.ckpt_path.endswith("version_0/checkpoints/last.ckpt")
+    assert 0.0 <= validate.trainer.callback_metrics["val/acc"] <= 1.0
+    predict = main(["predict", *common, "--ckpt_path", "last"])
+    probabilities = torch.cat(predict.trainer.predict_loop.predictions)
+    assert probabilities.shape == (64, 10)  # the 64 images of the generated t10k split
+    assert torch.allclose(probabilities.sum(1), torch.ones(64), atol=1e-5)
+
+
+def test_wandb_offline_run(mnist_dir, tmp_path):
+    cli = main(
+        ["fit", "-c", str(ROOT / "configs/mnist/mlp.yaml"), "-c", str(ROOT / "configs/logger/wandb.yaml"),
+         "--data.init_args.data_dir", str(mnist_dir), "--data.init_args.val_size", "64",
+         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"]
+    )  # fmt: skip
+    assert cli.trainer.state.finished
+    offline_runs = list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1 and list(offline_runs[0].glob("*.wandb"))
+
+
+def test_fit_under_ddp_with_two_cpu_processes(tmp_path):
+    """Real DDP through the CLI (Lightning re-launches the script per rank, gloo): one run dir, one set of files."""
+    command = [sys.executable, str(ROOT / "scripts" / "train.py"), "fit", "-c", str(ROOT / "configs/quickstart.yaml"),
+               "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+               "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"rc={result.returncode}\n{result.stderr[-1500:]}"
+    runs = list((tmp_path / "runs" / "quickstart").iterdir())
+    assert [p.name for p in runs] == ["version_0"]
+    assert (runs[0] / "curves.png").is_file() and (runs[0] / "config.yaml").is_file()
+    assert "test/acc = " in result.stderr + result.stdout
