@@ -18,18 +18,10 @@ from torch import Tensor
 
 from callbacks.images import save_and_log_figure
 
-__all__ = ["SmoothedCurves", "ema"]
+__all__ = ["SmoothedCurves"]
 
 # A metric whose name contains one of these is better when higher (for marking the best epoch).
 _HIGHER_IS_BETTER = ("acc", "auc", "f1", "precision", "recall", "iou", "dice")
-
-
-def ema(values: list[float], factor: float) -> list[float]:
-    """Exponential moving average of ``values``: ``s_0 = x_0``, ``s_t = factor * s_{t-1} + (1 - factor) * x_t``."""
-    smoothed: list[float] = []
-    for x in values:
-        smoothed.append(x if not smoothed else factor * smoothed[-1] + (1 - factor) * x)
-    return smoothed
 
 
 def _split(key: str) -> tuple[str, str]:
