@@ -63,8 +63,10 @@ def resolve_checkpoint(trainer: Trainer, which: str) -> str:
             state = torch.load(last, map_location="cpu", weights_only=True)
             for key, value in state.get("callbacks", {}).items():
                 best = value.get("best_model_path") if key.startswith("ModelCheckpoint") else None
-                if best and Path(best).is_file():
-                    return best
+                # The recorded path may be relative to the directory fit ran in: look in this run too.
+                for candidate in (Path(best), run / "checkpoints" / Path(best).name) if best else ():
+                    if candidate.is_file():
+                        return str(candidate)
     raise FileNotFoundError(
         f"--ckpt_path {which}: no earlier run of this experiment with a checkpoints/last.ckpt was found under "
         f"{Path(trainer.loggers[0].save_dir) / trainer.loggers[0].name if trainer.loggers else '(no logger)'}."
@@ -103,13 +105,14 @@ class TemplateCLI(LightningCLI):
     def after_fit(self) -> None:
         lines = []
         callback = self.trainer.checkpoint_callback
-        if isinstance(callback, ModelCheckpoint) and callback.best_model_path:
+        has_best = isinstance(callback, ModelCheckpoint) and bool(callback.best_model_path)
+        if has_best:
             score = callback.best_model_score
             score_text = f" ({callback.monitor} = {float(score):.4f})" if score is not None else ""
             lines.append(f"Best checkpoint: {callback.best_model_path}{score_text}")
         if self.config_init["fit"].get("test_after_fit"):
-            ckpt = "best" if lines else None
-            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt)
+            # Without a monitored checkpoint, the final weights are tested.
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if has_best else None)
             lines += self._test_lines()
         self._summary(lines)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -167,3 +168,16 @@ def test_fit_under_ddp_with_two_cpu_processes(tmp_path):
     assert [p.name for p in runs] == ["version_0"]
     assert (runs[0] / "curves.png").is_file() and (runs[0] / "config.yaml").is_file()
     assert "test/acc = " in result.stderr + result.stdout
+
+
+def test_test_best_from_another_working_directory(mnist_dir, tmp_path, monkeypatch):
+    config = ["-c", str(ROOT / "configs/mnist/mlp.yaml"), "--data.init_args.data_dir", str(mnist_dir)]
+    config += ["--data.init_args.val_size", "64"]
+    fit = main(["fit", *config, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"])
+    best = Path(fit.trainer.checkpoint_callback.best_model_path).resolve()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the recorded best path is relative to tmp_path: it must still be found
+    logger = {"class_path": "CSVLogger", "init_args": {"save_dir": str(tmp_path / "runs"), "name": "mnist_mlp"}}
+    test = main(["test", *config, "--ckpt_path", "best", "--trainer.logger", json.dumps([logger])])
+    assert Path(test.trainer.ckpt_path).resolve() == best
