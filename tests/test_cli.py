@@ -14,6 +14,8 @@ import torch
 import yaml
 from train import main
 
+from lightning_modules import MLPClassifier
+
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "logger" not in p.parts)
 MNIST_TOPICS = sorted((ROOT / "configs" / "mnist").glob("*.yaml"))
@@ -77,6 +79,10 @@ def test_fit_then_test_best_checkpoint_in_a_new_process(mnist_dir, tmp_path, cap
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["trainer"]["max_epochs"] == 3
     best = fit.trainer.checkpoint_callback.best_model_path
+    # The checkpoint alone rebuilds the module, optimiser config included (no training script needed).
+    restored = MLPClassifier.load_from_checkpoint(best)
+    assert restored.hparams.hidden_units == [256, 256]
+    assert restored.configure_optimizers().defaults["eps"] == 1e-07
 
     caplog.clear()
     with caplog.at_level(logging.INFO):
