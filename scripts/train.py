@@ -25,6 +25,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.utilities import rank_zero_info
 
+from callbacks.run_record import RunRecord, continue_wandb_run
+
 # The in-memory datamodules batch by tensor slicing: worker processes would only add overhead. The modules
 # log epoch aggregates, so Lightning's advice about the per-step logging interval does not apply either.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -98,9 +100,14 @@ class TemplateCLI(LightningCLI):
         cfg = self.config_init[self.subcommand]
         if cfg.get("ckpt_path") in ("best", "last"):
             cfg["ckpt_path"] = resolve_checkpoint(self.trainer, cfg["ckpt_path"])
+            self.config[self.subcommand]["ckpt_path"] = cfg["ckpt_path"]  # the saved config names the file
             rank_zero_info(f"Using checkpoint {cfg['ckpt_path']}")
 
     before_validate = before_test = before_predict = _resolve_ckpt_alias
+
+    def before_fit(self) -> None:
+        self._resolve_ckpt_alias()
+        continue_wandb_run(self.trainer, self.config_init["fit"].get("ckpt_path"))
 
     def after_fit(self) -> None:
         lines = []
@@ -135,6 +142,7 @@ def main(args: list[str] | None = None, run: bool = True) -> TemplateCLI:
             subclass_mode_model=True,
             subclass_mode_data=True,
             auto_configure_optimizers=False,
+            save_config_callback=RunRecord,  # config.yaml + run_info.yaml (+ the config to W&B)
             save_config_kwargs={"overwrite": True},
             args=args,
             run=run,

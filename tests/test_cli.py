@@ -17,7 +17,7 @@ from train import main
 from lightning_modules import MLPClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENTS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "logger" not in p.parts)
+EXPERIMENTS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not {"logger", "sweeps"} & set(p.parts))
 MNIST_TOPICS = sorted((ROOT / "configs" / "mnist").glob("*.yaml"))
 
 
