@@ -9,13 +9,13 @@ so ``load_from_checkpoint`` works without the training script.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics import MeanAbsoluteError, MetricCollection
 from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
@@ -48,6 +48,14 @@ class ClassificationModule(pl.LightningModule):
             keeps PyTorch's.
         prob_clip: Keras clips probabilities to ``[eps, 1-eps]`` in its cross-entropies (1e-7); 0 disables.
         top_k: k of the top-k error (``val/top5_err`` for k=5), logged when there are more than k classes.
+        l1: Weight of the L1 penalty ``l1 * sum(|w|)`` on the kernels of :meth:`regularized_weights` (Keras
+            ``kernel_regularizer=l1(...)``), added to the training loss.
+        l2: Weight of the L2 penalty ``l2 * sum(w**2)`` on the same kernels (Keras ``l2(...)``: not halved).
+        max_norm: Keras' ``max_norm`` constraint: after every optimiser step, each unit's incoming kernel
+            weights are rescaled to an L2 norm of at most this value. ``None`` disables it.
+
+    The penalties act on training only: ``train/loss`` and ``val/loss`` are the data loss (comparable), the
+    penalty is logged as ``train/penalty`` and the optimised loss is their sum.
     """
 
     def __init__(
@@ -60,12 +68,18 @@ class ClassificationModule(pl.LightningModule):
         init: InitName = "keras",
         prob_clip: float = 0.0,
         top_k: int = 5,
+        l1: float = 0.0,
+        l2: float = 0.0,
+        max_norm: float | None = None,
     ) -> None:
         super().__init__()
         if task not in ("multiclass", "binary", "regression"):
             raise ValueError(f"task={task!r}: choose 'multiclass', 'binary' or 'regression'.")
         if task == "multiclass" and num_classes < 2:
             raise ValueError(f"num_classes={num_classes}: a multiclass task needs at least 2 classes.")
+        for name, value in (("l1", l1), ("l2", l2), ("max_norm", max_norm or 0.0)):
+            if value < 0:
+                raise ValueError(f"{name}={value}: regularisation weights and norms must be >= 0.")
         self.save_hyperparameters()
         self.task = task
         self.num_classes = num_classes
@@ -99,6 +113,34 @@ class ClassificationModule(pl.LightningModule):
         if self.hparams.init == "keras":
             keras_init_(self.net)
 
+    # ---- regularisation ------------------------------------------------------------------------------
+    def regularized_weights(self) -> Iterator[Tensor]:
+        """The kernels the penalties and ``max_norm`` act on: weights of every Linear/Conv layer of ``self.net``
+        (not biases, not normalisation layers). Override to choose others (e.g. conv kernels only)."""
+        return (m.weight for m in self.net.modules() if isinstance(m, nn.Linear | nn.modules.conv._ConvNd))
+
+    def regularization_loss(self) -> Tensor:
+        """``l1 * sum(|w|) + l2 * sum(w**2)`` over :meth:`regularized_weights`; zero when both are off."""
+        l1, l2 = self.hparams.l1, self.hparams.l2
+        penalty = torch.zeros((), device=self.device)
+        if l1 or l2:
+            for w in self.regularized_weights():
+                penalty = penalty + (l1 * w.abs().sum() if l1 else 0.0) + (l2 * w.square().sum() if l2 else 0.0)
+        return penalty
+
+    @torch.no_grad()
+    def apply_max_norm(self) -> None:
+        """Rescale each unit's incoming weights (dim 0 indexes units) to an L2 norm of at most ``max_norm``."""
+        limit = self.hparams.max_norm
+        for w in self.regularized_weights():
+            norms = w.flatten(1).norm(dim=1).view(-1, *[1] * (w.dim() - 1))
+            w.mul_(norms.clamp(max=limit) / norms.clamp(min=1e-7))
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.hparams.max_norm is not None:
+            self.apply_max_norm()
+
     # ---- forward and steps ---------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -127,6 +169,10 @@ class ClassificationModule(pl.LightningModule):
         metrics = getattr(self, f"{stage}_metrics")
         metrics.update(*self._metric_inputs(logits.detach(), y))
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=batch_size)
+        if stage == "train" and (self.hparams.l1 or self.hparams.l2):
+            penalty = self.regularization_loss()
+            self.log("train/penalty", penalty, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch_size)
+            loss = loss + penalty
         return loss
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:

@@ -1,10 +1,12 @@
-"""Small building blocks shared by the topic modules: activations by name, Keras initialisation, locked dropout."""
+"""Building blocks shared by the topic modules: activations by name, Keras initialisers and layers, locked dropout."""
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 ActivationName = Literal["relu", "elu", "selu", "softplus", "tanh", "sigmoid", "leaky_relu", "gelu"]
@@ -80,3 +82,71 @@ class LockedDropout(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+# ---- Keras' he_normal, BatchNorm and 'same' convolution (the book's CIFAR networks) -----------------------------
+
+TRUNCATED_NORMAL_STD = 0.87962566103423978
+"""Standard deviation of a unit normal truncated to [-2, 2]; tf.keras divides the target std by it."""
+
+
+@torch.no_grad()
+def he_normal_(tensor: Tensor) -> Tensor:
+    """tf.keras ``he_normal`` in place: a normal truncated at 2 std whose std AFTER truncation is sqrt(2 / fan_in).
+
+    (``VarianceScaling(2.0, 'fan_in', 'truncated_normal')``: the untruncated std is sqrt(2 / fan_in) / 0.8796...)
+    fan_in is ``in_features`` for a Linear weight and ``in_channels * kh * kw`` for a Conv weight.
+    """
+    if tensor.dim() < 2:
+        raise ValueError(f"he_normal_ needs a weight with at least 2 dims, got shape {tuple(tensor.shape)}")
+    fan_in = tensor.shape[1] * math.prod(tensor.shape[2:])
+    std = math.sqrt(2.0 / fan_in) / TRUNCATED_NORMAL_STD
+    return nn.init.trunc_normal_(tensor, 0.0, std, -2.0 * std, 2.0 * std)
+
+
+@torch.no_grad()
+def he_normal_init_(module: nn.Module) -> nn.Module:
+    """The book's CIFAR initialisation: he_normal Conv/Dense kernels, zero biases; BatchNorm keeps gamma 1, beta 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            he_normal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return module
+
+
+def keras_batch_norm(channels: int) -> nn.BatchNorm2d:
+    """Keras ``BatchNormalization()``: momentum 0.99 (PyTorch's 0.01) and eps 1e-3."""
+    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)
+
+
+def same_padding(size: int, kernel_size: int, stride: int) -> tuple[int, int]:
+    """TensorFlow 'same' padding of one spatial dim: ``(before, after)``, the odd extra pixel after (bottom/right)."""
+    total = max((math.ceil(size / stride) - 1) * stride + kernel_size - size, 0)
+    return total // 2, total - total // 2
+
+
+class Conv2dSame(nn.Conv2d):
+    """``Conv2D(padding='same')`` as Keras does it: output size ceil(in / stride), padding bottom/right first.
+
+    With stride 1 and an odd kernel the padding is symmetric and static (plain ``padding=k // 2``). Otherwise it is
+    computed per input size: a 3x3 stride-2 conv on a 32x32 map pads (top 0, bottom 1, left 0, right 1), where
+    PyTorch's ``padding=1`` would pad one pixel on every side and shift the sampling grid by one pixel; a 1x1
+    stride-2 conv on an even map pads nothing.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, bias: bool = True
+    ) -> None:
+        static = stride == 1 and kernel_size % 2 == 1
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2 if static else 0, bias=bias
+        )
+        self.dynamic_padding = not static
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.dynamic_padding:
+            top, bottom = same_padding(x.shape[-2], self.kernel_size[0], self.stride[0])
+            left, right = same_padding(x.shape[-1], self.kernel_size[1], self.stride[1])
+            x = F.pad(x, (left, right, top, bottom))
+        return super().forward(x)

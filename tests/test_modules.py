@@ -203,3 +203,37 @@ def test_scheduler_from_config_and_checkpoint_reload(tmp_path):
     assert restored.hparams.filters == (8, 8)
     x = torch.rand(2, 1, 28, 28)
     assert torch.allclose(restored.eval()(x), model.eval()(x))
+
+
+@pytest.mark.parametrize(("l1", "l2"), [(0.01, 0.0), (0.0, 0.01), (0.003, 0.02)])
+def test_l1_l2_penalties_add_exactly_their_sum_over_kernels(l1, l2):
+    torch.manual_seed(0)
+    plain = MLPClassifier(hidden_units=(16,), dropout=0.0)
+    model = MLPClassifier(hidden_units=(16,), dropout=0.0, l1=l1, l2=l2)
+    model.load_state_dict(plain.state_dict())
+    kernels = [m.weight for m in model.net if isinstance(m, nn.Linear)]
+    expected = sum(l1 * w.abs().sum() + l2 * w.square().sum() for w in kernels)
+    assert torch.allclose(model.regularization_loss(), expected)
+    batch = (torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3]))
+    with pytest.warns(UserWarning):  # self.log outside a Trainer
+        difference = model.training_step(batch, 0) - plain.training_step(batch, 0)
+    assert torch.allclose(difference, expected)  # biases are not penalised: only kernels count
+
+
+def test_max_norm_constrains_each_unit_after_every_step(tmp_path):
+    from functools import partial
+
+    def max_unit_norm(model):
+        return max(m.weight.norm(dim=1).max().item() for m in model.net if isinstance(m, nn.Linear))
+
+    def fit(**kwargs):
+        pl.seed_everything(0)
+        model = MLPClassifier(hidden_units=(32,), optimizer=partial(torch.optim.SGD, lr=5.0), **kwargs)
+        _trainer(tmp_path, max_epochs=1, limit_train_batches=3, limit_val_batches=0).fit(model, DigitsDataModule())
+        return model
+
+    assert max_unit_norm(fit()) > 1.0  # a large learning rate pushes some units past the limit ...
+    constrained = fit(max_norm=1.0)
+    assert max_unit_norm(constrained) <= 1.0 + 1e-5  # ... which max_norm rescales back
+    with pytest.raises(ValueError, match="max_norm"):
+        MLPClassifier(max_norm=-1.0)
