@@ -2,8 +2,18 @@
 
 from lightning_modules.base import ClassificationModule
 from lightning_modules.cnn import CNNClassifier
+from lightning_modules.densenet import DenseNetClassifier
 from lightning_modules.mlp import MLPClassifier
+from lightning_modules.resnet import ResNetClassifier
 from lightning_modules.rnn import RNNClassifier
 from lightning_modules.y_network import YNetworkClassifier
 
-__all__ = ["CNNClassifier", "ClassificationModule", "MLPClassifier", "RNNClassifier", "YNetworkClassifier"]
+__all__ = [
+    "CNNClassifier",
+    "ClassificationModule",
+    "DenseNetClassifier",
+    "MLPClassifier",
+    "RNNClassifier",
+    "ResNetClassifier",
+    "YNetworkClassifier",
+]
