@@ -23,6 +23,8 @@ import yaml
 from pytorch_lightning.cli import SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
 
+from callbacks.images import run_dir as _run_dir
+
 __all__ = ["RunRecord", "continue_wandb_run", "environment_info", "git_info", "wandb_run_id"]
 
 RUN_INFO = "run_info.yaml"
@@ -101,7 +103,7 @@ class RunRecord(SaveConfigCallback):
     """LightningCLI's config saving, plus ``run_info.yaml`` and the config sent to W&B (global rank zero only)."""
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        run_dir = _run_dir(trainer)  # not trainer.log_dir: a collective, it hangs DDP when called on rank 0 only
         path = run_dir / RUN_INFO
         record = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {"launches": []}
         record["launches"].append(

@@ -11,11 +11,16 @@ Besides LightningCLI's own behaviour this CLI:
 - ``--test_after_fit true`` evaluates the best checkpoint on the test split right after ``fit``;
 - in a fresh ``validate``/``test``/``predict`` process, ``--ckpt_path best|last`` resolves to the best or last
   checkpoint of the newest earlier run of the same experiment;
+- ``fit --ckpt_path last`` resumes the newest earlier run (or starts afresh if there is none) and keeps writing
+  into that run's directory; checkpoints are written atomically and carry the RNG and data-order state for an
+  exact resume, and a damaged or unsafe checkpoint is one clear error (``callbacks/checkpointing.py``);
 - prints a short summary (run directory, best checkpoint, test metrics) at the end.
 """
 
 from __future__ import annotations
 
+import pickle
+import sys
 import warnings
 from pathlib import Path
 
@@ -23,8 +28,10 @@ import torch
 from pytorch_lightning import LightningDataModule, LightningModule, Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from callbacks.batch_scaling import batch_size_summary
+from callbacks.checkpointing import CheckpointError, continue_run_dir, install_fault_tolerance, read_checkpoint
 from callbacks.run_record import RunRecord, continue_wandb_run
 
 # The in-memory datamodules batch by tensor slicing: worker processes would only add overhead. The modules
@@ -62,7 +69,7 @@ def resolve_checkpoint(trainer: Trainer, which: str) -> str:
         if which == "last" and last.is_file():
             return str(last)
         if which == "best" and last.is_file():
-            state = torch.load(last, map_location="cpu", weights_only=True)
+            state = read_checkpoint(last)
             for key, value in state.get("callbacks", {}).items():
                 best = value.get("best_model_path") if key.startswith("ModelCheckpoint") else None
                 # The recorded path may be relative to the directory fit ran in: look in this run too.
@@ -91,22 +98,50 @@ class TemplateCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         share_run_dir(trainer)
+        install_fault_tolerance(trainer)  # atomic checkpoint writes, RNG states in checkpoints
         return trainer
 
-    def _resolve_ckpt_alias(self) -> None:
-        # Evaluating a checkpoint in a new run directory: the checkpoint callback's note that it will not
-        # track the old directory's top-k is noise here.
-        warnings.filterwarnings("ignore", ".*The dirpath has changed from.*")
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the model's hyperparameters from a --ckpt_path file while parsing: check the file
+        # first, so that a damaged or unsafe one gets a clear error instead of a traceback from torch.load.
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and Path(path).is_file():
+            read_checkpoint(path)
+        try:
+            super()._parse_ckpt_path()
+        except pickle.UnpicklingError:  # only a file loaded with the unsafe opt-in gets here
+            rank_zero_warn(f"{path} needs full pickle: its hyperparameters are not read, the config's are used.")
+
+    def _resolve_ckpt_alias(self) -> dict | None:
+        """Resolve ``best``/``last`` and check the checkpoint (clear errors); returns the loaded checkpoint."""
+        if self.subcommand != "fit":
+            # Evaluating a checkpoint in a new run directory: the checkpoint callback's note that it will not
+            # track the old directory's top-k is noise here.
+            warnings.filterwarnings("ignore", ".*The dirpath has changed from.*")
         cfg = self.config_init[self.subcommand]
         if cfg.get("ckpt_path") in ("best", "last"):
             cfg["ckpt_path"] = resolve_checkpoint(self.trainer, cfg["ckpt_path"])
             self.config[self.subcommand]["ckpt_path"] = cfg["ckpt_path"]  # the saved config names the file
             rank_zero_info(f"Using checkpoint {cfg['ckpt_path']}")
+        path = cfg.get("ckpt_path")
+        return read_checkpoint(path) if path and Path(path).is_file() else None
 
     before_validate = before_test = before_predict = _resolve_ckpt_alias
 
     def before_fit(self) -> None:
-        self._resolve_ckpt_alias()
+        # Every process runs this; rank zero prints, e.g. "per-device batch 128 x devices 4 x nodes 2 = ...".
+        rank_zero_info(batch_size_summary(self.trainer, self.datamodule))
+        cfg = self.config_init["fit"]
+        if cfg.get("ckpt_path") == "last" and not any(
+            (run / "checkpoints" / "last.ckpt").is_file() for run in previous_run_dirs(self.trainer)
+        ):
+            # One command for the first launch and every requeue, as Lightning's own fit(ckpt_path="last").
+            rank_zero_warn("--ckpt_path last: no earlier run of this experiment has a last.ckpt, starting afresh.")
+            cfg["ckpt_path"] = self.config["fit"]["ckpt_path"] = None
+        checkpoint = self._resolve_ckpt_alias()
+        if checkpoint is not None:  # resume in the interrupted run's directory (metrics.csv, checkpoints/)
+            continue_run_dir(self.trainer, cfg["ckpt_path"], checkpoint)
         continue_wandb_run(self.trainer, self.config_init["fit"].get("ckpt_path"))
 
     def after_fit(self) -> None:
@@ -152,7 +187,15 @@ def main(args: list[str] | None = None, run: bool = True) -> TemplateCLI:
         # threads can abort the process (SIGABRT, exit code 134) after a successful run: close it here.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        # Close the W&B run of this command (flushes offline runs), so a next run in the same process (a
+        # notebook, a test, an in-process sweep) starts its own instead of writing into this one.
+        wandb = sys.modules.get("wandb")
+        if run and wandb is not None and wandb.run is not None:
+            wandb.finish()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CheckpointError as error:  # a damaged or unsafe checkpoint: the message says what to do
+        raise SystemExit(f"error: {error}") from None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,33 @@ def write_mnist(root: Path, n_train: int = 256, n_test: int = 64, compress: bool
     return root
 
 
+def write_cifar10(root: Path, per_batch: int = 20, n_test: int = 30) -> Path:
+    """Tiny ``cifar-10-batches-py``: 5 training batches, a test batch and the meta file, real pickle layout."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    batches = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in batches:
+        n = n_test if name == "test_batch" else per_batch
+        labels = rng.integers(0, 10, n).tolist()
+        data = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": data, "labels": labels, "batch_label": name}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+    return root
+
+
 @pytest.fixture
 def mnist_dir(tmp_path: Path) -> Path:
     return write_mnist(tmp_path / "data")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_wandb_state():
+    """W&B keeps process-wide state (its service and settings, e.g. the run folder resolved at the first
+    ``wandb.init``). One CLI run per process never notices; tests run many in one process, so reset it."""
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None:
+        wandb.teardown()
