@@ -1,18 +1,32 @@
-"""Callbacks of the template: learning-rate control, smoothed curves, activation maps, image logging.
+"""Callbacks of the template: learning-rate control, smoothed curves, convnet visualisation (activation maps,
+filter patterns, Grad-CAM), image logging, checkpoint safety and resumable runs.
 
 Every callback is safe under DDP: files and images are written by global rank zero only.
 """
 
 from callbacks.activations import ActivationMaps
+from callbacks.batch_scaling import GlobalBatchSize
+from callbacks.checkpointing import AtomicCheckpointIO, ResumeState
 from callbacks.ema import SmoothedCurves
+from callbacks.filters import FilterPatterns, filter_patterns
+from callbacks.gradcam import GradCAM, grad_cam
 from callbacks.images import run_dir, save_and_log_figure
 from callbacks.lr import EpochLRSchedule, ReduceLROnPlateau
+from callbacks.slurm import SafeRequeue
 
 __all__ = [
     "ActivationMaps",
+    "AtomicCheckpointIO",
     "EpochLRSchedule",
+    "FilterPatterns",
+    "GlobalBatchSize",
+    "GradCAM",
     "ReduceLROnPlateau",
+    "ResumeState",
+    "SafeRequeue",
     "SmoothedCurves",
+    "filter_patterns",
+    "grad_cam",
     "run_dir",
     "save_and_log_figure",
 ]

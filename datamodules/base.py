@@ -9,17 +9,22 @@ applied unchanged to validation, test and predict batches (a requirement of the 
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-Normalization = Literal["scale", "standardize"]
+from datamodules.augment import BatchAugment
+
+Normalization = Literal["scale", "standardize", "per_pixel_mean"]
 TargetFormat = Literal["index", "one_hot"]
 
 
@@ -67,6 +72,142 @@ def collate_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     return batch
 
 
+def training_seed() -> int:
+    """The run's seed as ``seed_everything`` recorded it (``$PL_GLOBAL_SEED``), else 0, identical on every rank.
+
+    Lightning seeds its own ``DistributedSampler`` the same way, so every rank draws the same permutation.
+    """
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+def _resized(order: list[int], size: int) -> list[int]:
+    """``order`` cut to ``size``, or padded by repeating it from the start (``DistributedSampler``'s padding)."""
+    if size <= len(order):
+        return order[:size]
+    return (order * math.ceil(size / len(order)))[:size]
+
+
+class ResumableSampler(DistributedSampler):
+    """The training order: a function of ``(seed, epoch)``, sharded across ranks, resumable in mid-epoch.
+
+    It is :class:`~torch.utils.data.DistributedSampler` (same permutation ``randperm(n)`` seeded with
+    ``seed + epoch``, same padding, same sharding: rank ``r`` of ``W`` takes positions ``r, r + W, ...``) with a
+    start position: after a restore the epoch continues at the first sample that no rank has trained on. The
+    position counts samples across all ranks, so it maps onto any world size; with the world size of the
+    interrupted run every rank continues exactly where it stopped.
+
+    Being a ``DistributedSampler``, it is left in place by Lightning's ``use_distributed_sampler`` (which would
+    otherwise wrap or replace it); :meth:`ImageDataModule.train_dataloader` gives it the world size and rank.
+    ``len()`` is the full epoch's per-rank count even when resuming: Lightning counts the batches the
+    interrupted epoch already did and only asks for the rest.
+
+    Args:
+        dataset: The dataset to sample (only its length is used).
+        num_replicas: Processes sharing each epoch (the world size); 1 without DDP.
+        rank: Global rank of this process.
+        shuffle: Shuffle every epoch; ``False`` keeps the dataset order.
+        seed: Shuffle seed, identical on every rank (see :func:`training_seed`).
+        drop_last: Drop the tail that does not split evenly across ranks instead of padding with repeats.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        self.start = 0  # samples of this epoch's order (all ranks together) already trained on
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:  # a new epoch starts at its beginning; the same epoch keeps a restored start
+            self.start = 0
+        super().set_epoch(epoch)
+
+    def epoch_order(self) -> list[int]:
+        """All ranks' samples of the current epoch, in order: rank ``r`` takes ``order[r::num_replicas]``."""
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        else:
+            order = list(range(len(self.dataset)))
+        return _resized(order, self.total_size)
+
+    def __iter__(self) -> Iterator[int]:
+        rest = self.epoch_order()[self.start :]
+        if rest and len(rest) % self.num_replicas:
+            # Only after a restore on a different world size: give every rank the same number of samples.
+            size = len(rest) // self.num_replicas if self.drop_last else math.ceil(len(rest) / self.num_replicas)
+            rest = _resized(rest, size * self.num_replicas)
+        return iter(rest[self.rank :: self.num_replicas])
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` whose position in the epoch travels with Lightning's checkpoints.
+
+    Lightning's fit loop saves ``state_dict()`` of every training dataloader that has one into each checkpoint
+    (``loops.fit_loop.state_dict.combined_loader``) and, when ``fit`` restores a checkpoint, calls
+    ``load_state_dict()`` before the first batch is drawn. The state is the :class:`ResumableSampler`'s epoch,
+    seed and position plus the loader's generator: a restored loader yields exactly the batches the interrupted
+    run had not trained on yet, in the same order. Batches are counted as the loader yields them, which is when
+    Lightning consumes them (it prefetches nothing from loaders with a length), so worker prefetching does not
+    distort the count. With any other sampler the loader is an ordinary ``DataLoader`` with an empty state.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._iter_epoch: int | None = None  # epoch of the iteration in progress
+        self._iter_start = 0  # sampler position at which it began
+        self._yielded = 0  # batches it has yielded
+
+    def __iter__(self) -> Iterator[Any]:
+        # A generator: the sampler is read when the first batch is requested, i.e. after Lightning's set_epoch().
+        sampler = self.sampler
+        if isinstance(sampler, ResumableSampler):
+            self._iter_epoch, self._iter_start, self._yielded = sampler.epoch, sampler.start, 0
+        for batch in super().__iter__():
+            self._yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        sampler = self.sampler
+        if not isinstance(sampler, ResumableSampler) or self.batch_size is None:
+            return {}
+        position = sampler.start
+        if self._iter_epoch == sampler.epoch:  # else the epoch's iteration has not begun yet
+            position = self._iter_start + self._yielded * self.batch_size * sampler.num_replicas
+        state = {
+            "epoch": sampler.epoch,
+            "position": min(position, sampler.total_size),
+            "seed": sampler.seed,
+            "num_replicas": sampler.num_replicas,
+        }
+        if self.generator is not None:
+            state["generator"] = self.generator.get_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        sampler = self.sampler
+        if not state_dict or not isinstance(sampler, ResumableSampler):
+            return
+        if state_dict["num_replicas"] != sampler.num_replicas:
+            rank_zero_warn(
+                f"Resuming on {sampler.num_replicas} processes a run that trained on {state_dict['num_replicas']}: "
+                "the rest of the interrupted epoch is re-sharded over the new processes (no sample is skipped; a "
+                "few may repeat), so the run will not match an uninterrupted one exactly."
+            )
+        # The saved seed wins: the resumed run continues the interrupted run's sequence of epoch orders.
+        sampler.seed = state_dict["seed"]
+        sampler.epoch = state_dict["epoch"]
+        sampler.start = state_dict["position"]
+        self._iter_epoch = None
+        if self.generator is not None and "generator" in state_dict:
+            self.generator.set_state(state_dict["generator"])
+
+
 def channel_stats(images: Tensor) -> tuple[Tensor, Tensor]:
     """Exact per-channel mean and std (in pixel units) of ``uint8`` images, from a 256-bin histogram.
 
@@ -112,11 +253,15 @@ class ImageDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers. 0 is fastest for in-memory tensors.
         pin_memory: Pin batches for faster host-to-GPU copies (ignored without a GPU).
         normalize: ``"scale"`` divides pixels by 255 (the book); ``"standardize"`` subtracts the per-channel
-            mean and divides by the std, both computed on the training split only.
+            mean and divides by the std; ``"per_pixel_mean"`` divides by 255 and subtracts the mean image (the
+            book's ResNet recipe). Statistics come from the training split only.
+        augment: Batch-level augmentation of training batches (after normalisation, on the device), e.g.
+            ``datamodules.augment.BatchAugment`` with the book's shifts and flips. Never applied to val/test.
         target_format: ``"index"`` gives integer labels, ``"one_hot"`` float one-hot rows (the model picks
             the matching loss either way).
         channels_last: Hand batches to the model in ``channels_last`` memory format (faster convs on GPUs).
-        seed: Seed of the train/val split, independent of the training seed.
+        seed: Seed of the train/val split, independent of the training seed. The order of the training
+            batches follows the run's seed (``seed_everything``) and the epoch: see :class:`ResumableSampler`.
     """
 
     num_classes: int
@@ -132,21 +277,25 @@ class ImageDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = True,
         normalize: Normalization = "scale",
+        augment: BatchAugment | None = None,
         target_format: TargetFormat = "index",
         channels_last: bool = False,
         seed: int = 42,
     ) -> None:
         super().__init__()
-        if normalize not in ("scale", "standardize"):
-            raise ValueError(f"normalize={normalize!r}: choose 'scale' (pixels / 255) or 'standardize'.")
+        if normalize not in ("scale", "standardize", "per_pixel_mean"):
+            raise ValueError(
+                f"normalize={normalize!r}: choose 'scale' (pixels / 255), 'standardize' or 'per_pixel_mean'."
+            )
         if target_format not in ("index", "one_hot"):
             raise ValueError(f"target_format={target_format!r}: choose 'index' or 'one_hot'.")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["augment"])
+        self.augment = augment
         self.data_dir = Path(data_dir if data_dir is not None else default_data_dir()).expanduser()
         self.train_set: InMemoryImageDataset | None = None
         self.val_set: InMemoryImageDataset | None = None
         self.test_set: InMemoryImageDataset | None = None
-        self.mean: Tensor | None = None  # per-channel, pixel units, from the training split only
+        self.mean: Tensor | None = None  # (C,) or (C, H, W), pixel units, from the training split only
         self.std: Tensor | None = None
         self._device_stats: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
@@ -189,6 +338,11 @@ class ImageDataModule(pl.LightningDataModule):
     def _compute_stats(self, train_images: Tensor | None) -> tuple[Tensor, Tensor]:
         if self.hparams.normalize == "scale":
             return torch.zeros(self.dims[0]), torch.full((self.dims[0],), 255.0)
+        if self.hparams.normalize == "per_pixel_mean":  # (x / 255) - mean(x_train / 255), as the book
+            mean = torch.zeros(self.dims, dtype=torch.float64)
+            for chunk in train_images.split(4096):  # no float copy of the whole split
+                mean += chunk.double().sum(0)
+            return (mean / len(train_images)).float(), torch.full((self.dims[0],), 255.0)
         return channel_stats(train_images)
 
     def set_stats(self, mean: Tensor, std: Tensor) -> None:
@@ -200,17 +354,37 @@ class ImageDataModule(pl.LightningDataModule):
             raise RuntimeError(f"{type(self).__name__}.setup() has not run for this stage")
         batch_size = self.hparams.batch_size if train else self.hparams.eval_batch_size or self.hparams.batch_size
         workers = self.hparams.num_workers
-        return DataLoader(
+        # Every loader draws its workers' base seed from its own generator, never from the global RNG: creating
+        # a loader iterator must not shift the dropout masks (a resumed run creates its iterators at other times).
+        loader_class, sampler, seed = DataLoader, None, training_seed()
+        if train:
+            num_replicas, rank = self._shard()
+            sampler = ResumableSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+            loader_class = ResumableDataLoader
+        return loader_class(
             dataset,
             batch_size=batch_size,
-            shuffle=train,
+            sampler=sampler,
             num_workers=workers,
             collate_fn=collate_batch,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
             persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(seed),
         )
 
+    def _shard(self) -> tuple[int, int]:
+        """(world size, global rank) for the training sampler: Lightning's values under DDP, else (1, 0).
+
+        With ``Trainer(use_distributed_sampler=False)`` every rank gets the whole epoch, as Lightning would do.
+        """
+        trainer = self.trainer
+        kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
+        if not kwargs or not trainer._accelerator_connector.use_distributed_sampler:
+            return 1, 0
+        return kwargs["num_replicas"], kwargs["rank"]
+
     def train_dataloader(self) -> DataLoader:
+        """Shuffled by a :class:`ResumableSampler` (order = f(seed, epoch), per-rank shards, mid-epoch resume)."""
         return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -228,8 +402,11 @@ class ImageDataModule(pl.LightningDataModule):
             raise RuntimeError("normalisation statistics are not set: call setup() first")
         stats = self._device_stats.get(images.device)
         if stats is None:
-            shape = (1, -1, 1, 1)
-            stats = (self.mean.to(images.device).view(shape), self.std.to(images.device).view(shape))
+            # (C,) statistics broadcast per channel, (C, H, W) ones per pixel.
+            stats = tuple(
+                t.to(images.device).view(1, -1, 1, 1) if t.dim() == 1 else t.to(images.device).unsqueeze(0)
+                for t in (self.mean, self.std)
+            )
             self._device_stats[images.device] = stats
         out = (images.float() - stats[0]) / stats[1]
         if self.hparams.channels_last:
@@ -242,7 +419,10 @@ class ImageDataModule(pl.LightningDataModule):
             return batch
         if self.hparams.target_format == "one_hot":
             targets = F.one_hot(targets, self.num_classes).float()
-        return self.normalize_images(images), targets
+        images = self.normalize_images(images)
+        if self.augment is not None and self.trainer is not None and self.trainer.training:
+            images = self.augment(images)
+        return images, targets
 
     # The statistics travel with checkpoints, so a restored run normalises exactly as in training.
     def state_dict(self) -> dict:

@@ -6,6 +6,7 @@ from lightning_modules.densenet import DenseNetClassifier
 from lightning_modules.mlp import MLPClassifier
 from lightning_modules.resnet import ResNetClassifier
 from lightning_modules.rnn import RNNClassifier
+from lightning_modules.transfer import TransferClassifier
 from lightning_modules.y_network import YNetworkClassifier
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "MLPClassifier",
     "RNNClassifier",
     "ResNetClassifier",
+    "TransferClassifier",
     "YNetworkClassifier",
 ]

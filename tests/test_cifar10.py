@@ -4,32 +4,14 @@ from __future__ import annotations
 
 import os
 import pickle
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from conftest import write_cifar10
 from torchvision.datasets import cifar
 
 from datamodules import CorruptDataError, DataNotFoundError
 from datamodules.cifar10 import CIFAR10DataModule
-
-
-def write_cifar10(root: Path, per_batch: int = 20, n_test: int = 30) -> Path:
-    """Tiny ``cifar-10-batches-py``: 5 training batches, a test batch and the meta file, real pickle layout."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    batches = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for name in batches:
-        n = n_test if name == "test_batch" else per_batch
-        labels = rng.integers(0, 10, n).tolist()
-        data = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)
-        with open(folder / name, "wb") as f:
-            pickle.dump({"data": data, "labels": labels, "batch_label": name}, f)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": CIFAR10DataModule.classes}, f)
-    return root
 
 
 @pytest.fixture(autouse=True)
@@ -69,3 +51,32 @@ def test_damaged_file_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: not path.endswith("test_batch"))
     with pytest.raises(CorruptDataError, match="test_batch"):
         CIFAR10DataModule(data_dir=str(root)).setup("test")
+
+
+def test_per_pixel_mean_is_the_training_mean_image(tmp_path):
+    root = write_cifar10(tmp_path)
+    dm = CIFAR10DataModule(data_dir=str(root), val_size=10, normalize="per_pixel_mean")
+    dm.setup("fit")
+    train = dm.train_set.images.double()
+    assert dm.mean.shape == (3, 32, 32)
+    assert torch.allclose(dm.mean.double(), train.mean(0), atol=1e-4)
+    x, _ = dm.on_after_batch_transfer((dm.val_set.images[:4], dm.val_set.targets[:4]), 0)
+    expected = dm.val_set.images[:4].double() / 255 - train.mean(0) / 255
+    assert torch.allclose(x.double(), expected, atol=1e-5)
+
+
+def test_augmentation_only_while_training(tmp_path):
+    from types import SimpleNamespace
+
+    from datamodules.augment import BatchAugment
+
+    root = write_cifar10(tmp_path)
+    dm = CIFAR10DataModule(data_dir=str(root), val_size=10, augment=BatchAugment(width_shift_range=0.2))
+    dm.setup("fit")
+    batch = (dm.train_set.images[:8], dm.train_set.targets[:8])
+    dm.trainer = SimpleNamespace(training=False)  # validation, test and predict batches
+    evaluated, _ = dm.on_after_batch_transfer(batch, 0)
+    assert torch.allclose(evaluated, batch[0].float() / 255)
+    dm.trainer = SimpleNamespace(training=True)
+    trained, _ = dm.on_after_batch_transfer(batch, 0)
+    assert trained.shape == evaluated.shape and not torch.allclose(trained, evaluated)

@@ -19,6 +19,7 @@ from lightning_modules import MLPClassifier
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not {"logger", "sweeps"} & set(p.parts))
 MNIST_TOPICS = sorted((ROOT / "configs" / "mnist").glob("*.yaml"))
+CIFAR_BOOK = sorted(p for p in (ROOT / "configs" / "cifar10").glob("*.yaml") if not p.stem.startswith("transfer"))
 
 
 @pytest.fixture(autouse=True)
@@ -187,3 +188,16 @@ def test_test_best_from_another_working_directory(mnist_dir, tmp_path, monkeypat
     logger = {"class_path": "CSVLogger", "init_args": {"save_dir": str(tmp_path / "runs"), "name": "mnist_mlp"}}
     test = main(["test", *config, "--ckpt_path", "best", "--trainer.logger", json.dumps([logger])])
     assert Path(test.trainer.ckpt_path).resolve() == best
+
+
+@pytest.mark.parametrize("config", CIFAR_BOOK, ids=lambda p: p.stem)
+def test_cifar10_book_configs_fast_dev_run(config, tmp_path, monkeypatch):
+    from conftest import write_cifar10
+    from torchvision.datasets import cifar
+
+    monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))  # fake files
+    root = write_cifar10(tmp_path / "data")
+    cli = main(["fit", "-c", str(config), "--data.init_args.data_dir", str(root), "--data.init_args.val_size", "20",
+                "--data.init_args.batch_size", "4", "--trainer.fast_dev_run", "1"])  # fmt: skip
+    assert cli.trainer.state.finished
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
