@@ -50,6 +50,27 @@ def _store(outputs: dict[str, Tensor], name: str, module: nn.Module, args: Any, 
         outputs[name] = output.detach()
 
 
+def sample_input(trainer: pl.Trainer, pl_module: pl.LightningModule, num_images: int, owner: str) -> Tensor | None:
+    """A fixed model input for picture-making callbacks: the first ``num_images`` samples of a validation batch
+    (the training loader's when there is no validation), prepared as Lightning prepares batches (the
+    datamodule's or module's batch-transfer hooks, e.g. ``uint8`` -> normalised float) and on the module's device.
+
+    The global RNG is left untouched (a shuffled loader draws its order from it). Returns a normal tensor, never
+    an inference-mode one, or ``None`` with a warning naming ``owner`` when there is no dataloader.
+    """
+    loader = _first_loader(trainer.val_dataloaders)
+    if loader is None:
+        loader = _first_loader(trainer.train_dataloader)
+    if loader is None:
+        rank_zero_warn(f"{owner}: no dataloader to take a sample batch from; nothing will be drawn.")
+        return None
+    with isolate_rng():
+        batch = next(iter(loader))
+    batch = ActivationMaps._prepare(batch, trainer, pl_module)
+    with torch.inference_mode(False):
+        return _input_of(batch)[:num_images].detach().clone()
+
+
 class ActivationMaps(Callback):
     """Save grids of the feature maps of chosen layers for a fixed sample, every ``every_n_epochs`` epochs.
 
@@ -132,17 +153,9 @@ class ActivationMaps(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._names:
             return
-        loader = _first_loader(trainer.val_dataloaders)
-        if loader is None:
-            loader = _first_loader(trainer.train_dataloader)
-        if loader is None:
-            rank_zero_warn("ActivationMaps: no dataloader to take a sample batch from; nothing will be drawn.")
+        self._sample = sample_input(trainer, pl_module, self.num_images, owner="ActivationMaps")
+        if self._sample is None:
             self._names = []
-            return
-        with isolate_rng():  # a shuffled loader draws its order from the global RNG: leave training's alone
-            batch = next(iter(loader))
-        batch = self._prepare(batch, trainer, pl_module)
-        self._sample = _input_of(batch)[: self.num_images]
 
     @staticmethod
     def _prepare(batch: Any, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:

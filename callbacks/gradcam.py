@@ -20,10 +20,9 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_warn
-from pytorch_lightning.utilities.seed import isolate_rng
 from torch import Tensor, nn
 
-from callbacks.activations import ActivationMaps, _first_loader, _input_of
+from callbacks.activations import sample_input
 from callbacks.images import save_and_log_figure
 
 __all__ = [
@@ -336,18 +335,9 @@ class GradCAM(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._layer is None:
             return
-        loader = _first_loader(trainer.val_dataloaders)
-        if loader is None:
-            loader = _first_loader(trainer.train_dataloader)
-        if loader is None:
-            rank_zero_warn("GradCAM: no dataloader to take a sample batch from; nothing will be drawn.")
+        self._sample = sample_input(trainer, pl_module, self.num_images, owner="GradCAM")
+        if self._sample is None:
             self._layer = None
-            return
-        with isolate_rng():  # a shuffled loader draws its order from the global RNG: leave training's alone
-            batch = next(iter(loader))
-        batch = ActivationMaps._prepare(batch, trainer, pl_module)
-        with torch.inference_mode(False):
-            self._sample = _input_of(batch)[: self.num_images].detach().clone()  # a normal tensor, never inference
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._sample is None or self._layer is None or (trainer.current_epoch + 1) % self.every_n_epochs:
