@@ -1,7 +1,7 @@
 """Prefetch datasets into one folder, md5-checked, so that jobs on offline compute nodes never download.
 
-    python scripts/download_data.py --datasets mnist cifar10 imdb omniglot --data-dir /shared/datasets
-    python scripts/download_data.py --data-dir /shared/datasets --offline   # only verify what is there
+    python scripts/download_data.py --datasets mnist cifar10 imdb omniglot --data-dir /cluster/datasets
+    python scripts/download_data.py --data-dir /cluster/datasets --offline   # only verify what is there
 
 Run it where there is network (a login node), then point every job at the folder with ``DATA_DIR`` (the
 datamodules' default ``data_dir``). The layout is the one the datamodules read:

@@ -232,7 +232,7 @@ def test_launch_scripts_parse_and_sbatch_header_is_consistent():
 
 
 def test_sbatch_passes_the_slurm_layout_to_train_py(tmp_path):
-    env = fake_slurm(tmp_path, "4242", nodes=2, tasks_per_node=4, FAKE_SRUN_DRY="1", DATA_DIR="/shared/data")
+    env = fake_slurm(tmp_path, "4242", nodes=2, tasks_per_node=4, FAKE_SRUN_DRY="1", DATA_DIR="/scratch/data")
     output, _ = sbatch(tmp_path, env, "fit", "-c", "configs/mnist/cnn.yaml").communicate(timeout=30)
     args = (tmp_path / "slurm_log" / "srun_args").read_text().splitlines()
     assert args[: args.index("scripts/train.py") + 4] == [
@@ -247,7 +247,7 @@ def test_sbatch_passes_the_slurm_layout_to_train_py(tmp_path):
     assert passed("--trainer.default_root_dir") == str(tmp_path / "runs" / "slurm" / "4242")
     task_env = dict(line.split("=", 1) for line in (tmp_path / "slurm_log" / "srun_env").read_text().splitlines()
                     if "=" in line)  # fmt: skip
-    assert task_env["WANDB_MODE"] == "offline" and task_env["DATA_DIR"] == "/shared/data"
+    assert task_env["WANDB_MODE"] == "offline" and task_env["DATA_DIR"] == "/scratch/data"
     assert "2 node(s) x 4 task(s)" in output
 
 
