@@ -62,6 +62,21 @@ def write_cifar10(root: Path, per_batch: int = 20, n_test: int = 30) -> Path:
     return root
 
 
+def quiet_trainer(tmp_path: Path, **overrides):
+    """A CPU ``pl.Trainer`` for tests: no logger, checkpoints, progress bar or summary unless ``overrides`` say so."""
+    import pytorch_lightning as pl
+
+    options = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    return pl.Trainer(**{**options, **overrides})
+
+
 @pytest.fixture
 def mnist_dir(tmp_path: Path) -> Path:
     return write_mnist(tmp_path / "data")

@@ -11,6 +11,7 @@ import matplotlib.image
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import quiet_trainer
 from matplotlib.figure import Figure
 from PIL import Image
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
@@ -61,21 +62,14 @@ class Scripted(pl.LightningModule):
 
 def make_trainer(tmp_path: Path, callbacks: list, max_epochs: int, **kwargs) -> pl.Trainer:
     options = dict(
-        accelerator="cpu",
         devices=1,
         max_epochs=max_epochs,
         limit_train_batches=1,
         limit_val_batches=1,
         num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         log_every_n_steps=1,
-        default_root_dir=tmp_path,
     )
-    options.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **options)
+    return quiet_trainer(tmp_path, callbacks=callbacks, **{**options, **kwargs})
 
 
 def assert_png(path: Path) -> None:

@@ -7,6 +7,7 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import quiet_trainer
 from torch import nn
 
 from datamodules import DigitsDataModule
@@ -139,16 +140,7 @@ def test_narrow_hidden_layer_warns():
 
 
 def _trainer(tmp_path, **kwargs) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-    )
-    return pl.Trainer(**{**defaults, **kwargs})
+    return quiet_trainer(tmp_path, **{"devices": 1, **kwargs})
 
 
 def test_training_lowers_the_loss_and_learns(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torchvision
+from conftest import quiet_trainer
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, TensorDataset
@@ -43,17 +44,7 @@ def loader(n: int = 8, classes: int = 10, batch_size: int = 4, shape=(3, 32, 32)
 
 
 def trainer(tmp_path: Path, callbacks=(), **kwargs) -> pl.Trainer:
-    options = dict(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
-    return pl.Trainer(callbacks=list(callbacks), **{**options, **kwargs})
+    return quiet_trainer(tmp_path, callbacks=list(callbacks), **{"max_epochs": 1, "limit_val_batches": 0, **kwargs})
 
 
 def base_state(model: TransferClassifier) -> dict[str, torch.Tensor]:

@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
+from conftest import quiet_trainer
 from PIL import Image
 from torch import nn
 from train import main as train_main
@@ -204,18 +204,13 @@ def test_callbacks_write_pngs_during_fit(tmp_path):
     gradcam = GradCAM(num_images=2)
     at_end = FilterPatterns(num_filters=3, steps=5)
     every = FilterPatterns(num_filters=2, steps=5, every_n_epochs=1, filename_prefix="filters_every")
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        tmp_path,
         devices=1,
         max_epochs=2,
         limit_train_batches=2,
         limit_val_batches=1,
         num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
         callbacks=[gradcam, at_end, every],
     )
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=64))
@@ -335,19 +330,14 @@ def test_callbacks_under_ddp(tmp_path, monkeypatch):
     from lightning_fabric.plugins.environments.lightning import find_free_network_port
 
     monkeypatch.setenv("MASTER_PORT", str(find_free_network_port()))
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        tmp_path,
         devices=2,
         strategy="ddp_spawn",
         max_epochs=2,
         limit_train_batches=2,
         limit_val_batches=1,
         num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
         callbacks=[GradCAM(num_images=2), FilterPatterns(num_filters=2, steps=3, every_n_epochs=1)],
     )
     trainer.fit(CNNClassifier(filters=(4,)), datamodule=DigitsDataModule(batch_size=32))
