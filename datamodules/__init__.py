@@ -1,8 +1,9 @@
-"""LightningDataModules: MNIST, CIFAR-10, the offline digits set, and the in-memory image base they share."""
+"""LightningDataModules: MNIST, CIFAR-10, image folders, the offline digits set, and their in-memory image base."""
 
 from datamodules.base import CorruptDataError, DataNotFoundError, ImageDataModule, InMemoryImageDataset
 from datamodules.cifar10 import CIFAR10DataModule
 from datamodules.digits import DigitsDataModule
+from datamodules.image_folder import ImageFolderDataModule
 from datamodules.mnist import MNISTDataModule
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "DataNotFoundError",
     "DigitsDataModule",
     "ImageDataModule",
+    "ImageFolderDataModule",
     "InMemoryImageDataset",
     "MNISTDataModule",
 ]

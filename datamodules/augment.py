@@ -1,13 +1,25 @@
-"""Batch-level image augmentation as one affine warp per sample, on the device (Keras ``ImageDataGenerator``).
+"""Training-set augmentation, two ways.
 
-The notes' augmentation set (rotation, width/height shift, shear, zoom, horizontal flip, nearest fill) is what
-Keras' ``ImageDataGenerator`` draws per image. Here the same random transforms are drawn for a whole batch at
-once and applied with one ``affine_grid`` + ``grid_sample`` call: no per-sample Python work, and on the GPU when
-the batch is there. Training batches only: the datamodules apply it in ``on_after_batch_transfer`` while fitting.
+- :class:`BatchAugment` (the default, fast path): the notes' augmentation set (rotation, width/height shift,
+  shear, zoom, horizontal flip, nearest fill), which Keras' ``ImageDataGenerator`` draws per image, drawn for a
+  whole batch at once and applied with one ``affine_grid`` + ``grid_sample`` call: no per-sample Python work, on
+  the GPU when the batch is there. The datamodules apply it in ``on_after_batch_transfer`` while fitting.
+- :class:`SampleAugment`: an albumentations pipeline applied to each ``uint8`` image in the DataLoader (in its
+  workers when ``num_workers > 0``), for the per-sample transforms albumentations does better (colour jitter,
+  cutout, elastic, blur, ...). Presets give the same two recipes as ``BatchAugment``.
+
+Both touch training batches only; validation, test and predict batches are never augmented.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -112,4 +124,91 @@ class BatchAugment(nn.Module):
         return ", ".join([*parts, *(["horizontal_flip=True"] if self.horizontal_flip else [])])
 
 
-__all__ = ["BatchAugment"]
+# The two recipes of the notes, as albumentations specs ({"name": <albumentations class>, **its arguments}).
+# Keras' shear_range is an angle in degrees and its fill_mode="nearest" repeats edge pixels (BORDER_REPLICATE).
+SAMPLE_PRESETS: dict[str, list[dict[str, Any]]] = {
+    # The book's CIFAR-10 recipe: shifts of up to 10 % of each side and horizontal flips.
+    "book": [
+        {"name": "Affine", "translate_percent": (-0.1, 0.1), "border_mode": cv2.BORDER_REPLICATE, "p": 1.0},
+        {"name": "HorizontalFlip", "p": 0.5},
+    ],
+    # The notes' small-data recipe (cats vs dogs): rotation 40, shifts 0.2, shear 0.2, zoom 0.2, flips.
+    "notes": [
+        {
+            "name": "Affine",
+            "rotate": (-40, 40),
+            "translate_percent": (-0.2, 0.2),
+            "shear": (-0.2, 0.2),
+            "scale": (0.8, 1.2),
+            "border_mode": cv2.BORDER_REPLICATE,
+            "p": 1.0,
+        },
+        {"name": "HorizontalFlip", "p": 0.5},
+    ],
+}
+
+
+def build_transform(spec: dict[str, Any]) -> A.BasicTransform:
+    """One albumentations transform from ``{"name": "Affine", **kwargs}`` (how YAML configs spell them)."""
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    cls = getattr(A, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
+        raise ValueError(
+            f"augmentation spec {spec | {'name': name}}: 'name' must name an albumentations transform class "
+            f"(e.g. Affine, HorizontalFlip, ColorJitter, CoarseDropout), got {name!r}."
+        )
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # albumentations only warns about unknown arguments
+            warnings.simplefilter("always")
+            transform = cls(**spec)
+    except (TypeError, ValueError) as err:  # it validates the known ones with pydantic
+        raise ValueError(f"albumentations.{name}({spec}) rejected its arguments: {err}") from err
+    unknown = [str(w.message) for w in caught if "not valid" in str(w.message)]
+    if unknown:
+        raise ValueError(f"albumentations.{name}({spec}) rejected its arguments: {unknown[0]}")
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return transform
+
+
+class SampleAugment:
+    """Per-image albumentations augmentation of ``uint8`` training batches (``datamodule.sample_augment``).
+
+    It runs inside the DataLoader on ``uint8`` HWC arrays, the format albumentations (OpenCV) is fastest on,
+    before the batch moves to the device; set ``num_workers`` so the loader keeps up with the model. Each call
+    seeds the pipeline from torch's RNG, so runs are reproducible under ``seed_everything`` and every
+    DataLoader worker (seeded by PyTorch per worker) draws different transforms.
+
+    Args:
+        preset: ``book`` (shift 0.1 + horizontal flip, the ResNet recipe) or ``notes`` (rotation 40, shift 0.2,
+            shear 0.2, zoom 0.2, flip, the small-data recipe). Ignored when ``transforms`` is given.
+        transforms: Albumentations transforms as ``[{name: HorizontalFlip, p: 0.5}, {name: ColorJitter}, ...]``;
+            any class of the ``albumentations`` namespace with its own arguments.
+    """
+
+    def __init__(self, preset: str | None = "book", transforms: Sequence[dict[str, Any]] | None = None) -> None:
+        if transforms is None:
+            if preset not in SAMPLE_PRESETS:
+                raise ValueError(
+                    f"preset={preset!r}: choose one of {sorted(SAMPLE_PRESETS)}, or list albumentations "
+                    "transforms in 'transforms'."
+                )
+            transforms = SAMPLE_PRESETS[preset]
+        self.specs = [dict(spec) for spec in transforms]
+        self.pipeline = A.Compose([build_transform(spec) for spec in self.specs])
+
+    def __call__(self, images: Tensor) -> Tensor:
+        """``(N, C, H, W)`` ``uint8`` -> augmented ``(N, C, H, W)`` ``uint8`` of the same size."""
+        self.pipeline.set_random_seed(int(torch.randint(2**31 - 1, ())))
+        arrays = images.permute(0, 2, 3, 1).numpy()
+        out = np.stack([self.pipeline(image=array)["image"].reshape(array.shape) for array in arrays])
+        if out.shape != arrays.shape:
+            raise ValueError(f"the augmentation changed the image size {arrays.shape[1:3]}: add a Resize/crop back")
+        return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+    def __repr__(self) -> str:
+        return f"SampleAugment({self.pipeline.transforms})"
+
+
+__all__ = ["SAMPLE_PRESETS", "BatchAugment", "SampleAugment", "build_transform"]

@@ -22,7 +22,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from datamodules.augment import BatchAugment
+from datamodules.augment import BatchAugment, SampleAugment
 
 Normalization = Literal["scale", "standardize", "per_pixel_mean"]
 TargetFormat = Literal["index", "one_hot"]
@@ -65,6 +65,28 @@ class InMemoryImageDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
         index = torch.as_tensor(indices)
         return self.images[index], self.targets[index]
+
+
+class AugmentedDataset(Dataset):
+    """A training view of an :class:`InMemoryImageDataset` whose batches pass through a :class:`SampleAugment`.
+
+    The augmentation runs where the batch is assembled: in the DataLoader workers when there are any.
+    """
+
+    def __init__(self, dataset: InMemoryImageDataset, augment: SampleAugment) -> None:
+        self.dataset = dataset
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image, target = self.dataset[index]
+        return self.augment(image[None])[0], target
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        images, targets = self.dataset.__getitems__(indices)
+        return self.augment(images), targets
 
 
 def collate_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -257,6 +279,9 @@ class ImageDataModule(pl.LightningDataModule):
             book's ResNet recipe). Statistics come from the training split only.
         augment: Batch-level augmentation of training batches (after normalisation, on the device), e.g.
             ``datamodules.augment.BatchAugment`` with the book's shifts and flips. Never applied to val/test.
+        sample_augment: Per-image albumentations augmentation of training images (``uint8``, in the DataLoader
+            workers), ``datamodules.augment.SampleAugment``; for transforms the batch path lacks. Combine with
+            ``num_workers`` so the loader keeps up. Never applied to val/test.
         target_format: ``"index"`` gives integer labels, ``"one_hot"`` float one-hot rows (the model picks
             the matching loss either way).
         channels_last: Hand batches to the model in ``channels_last`` memory format (faster convs on GPUs).
@@ -278,6 +303,7 @@ class ImageDataModule(pl.LightningDataModule):
         pin_memory: bool = True,
         normalize: Normalization = "scale",
         augment: BatchAugment | None = None,
+        sample_augment: SampleAugment | None = None,
         target_format: TargetFormat = "index",
         channels_last: bool = False,
         seed: int = 42,
@@ -289,8 +315,9 @@ class ImageDataModule(pl.LightningDataModule):
             )
         if target_format not in ("index", "one_hot"):
             raise ValueError(f"target_format={target_format!r}: choose 'index' or 'one_hot'.")
-        self.save_hyperparameters(ignore=["augment"])
+        self.save_hyperparameters(ignore=["augment", "sample_augment"])
         self.augment = augment
+        self.sample_augment = sample_augment
         self.data_dir = Path(data_dir if data_dir is not None else default_data_dir()).expanduser()
         self.train_set: InMemoryImageDataset | None = None
         self.val_set: InMemoryImageDataset | None = None
@@ -385,7 +412,10 @@ class ImageDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled by a :class:`ResumableSampler` (order = f(seed, epoch), per-rank shards, mid-epoch resume)."""
-        return self._loader(self.train_set, train=True)
+        dataset = self.train_set
+        if dataset is not None and self.sample_augment is not None:
+            dataset = AugmentedDataset(dataset, self.sample_augment)
+        return self._loader(dataset, train=True)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_set, train=False) if self.val_set is not None and len(self.val_set) else []
