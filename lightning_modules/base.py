@@ -21,7 +21,7 @@ from torchmetrics import MeanAbsoluteError, MetricCollection
 from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
 from lightning_modules.layers import InitName, keras_init_
-from lightning_modules.losses import Task, task_loss
+from lightning_modules.losses import LOSSES, LossName, Task, balanced_class_weights, task_loss, training_class_counts
 
 
 def warn_if_narrow(widths: Sequence[int], num_classes: int, where: str) -> None:
@@ -53,6 +53,15 @@ class ClassificationModule(pl.LightningModule):
         l2: Weight of the L2 penalty ``l2 * sum(w**2)`` on the same kernels (Keras ``l2(...)``: not halved).
         max_norm: Keras' ``max_norm`` constraint: after every optimiser step, each unit's incoming kernel
             weights are rescaled to an L2 norm of at most this value. ``None`` disables it.
+        loss: ``ce`` (the task's plain loss: CE, BCE, or MSE for regression), ``balanced_ce`` (CE weighted by
+            class, for imbalanced data) or ``focal`` (focal loss, down-weights easy samples); see
+            :mod:`lightning_modules.losses`.
+        class_weights: Per-class weights for ``balanced_ce`` (binary: ``[negative, positive]``). ``None``
+            derives them from the training split's class frequencies when ``fit`` starts (``n / (C * n_c)``);
+            they are saved in checkpoints, so validate/test of a checkpoint weigh exactly as training did.
+        focal_alpha: Focal loss class balance (binary: weight of positives, ``1 - alpha`` for negatives;
+            multiclass: a scalar factor). ``None`` disables it.
+        focal_gamma: Focal loss focusing parameter; ``gamma=0`` with ``focal_alpha=None`` is plain CE.
 
     The penalties act on training only: ``train/loss`` and ``val/loss`` are the data loss (comparable), the
     penalty is logged as ``train/penalty`` and the optimised loss is their sum.
@@ -71,6 +80,10 @@ class ClassificationModule(pl.LightningModule):
         l1: float = 0.0,
         l2: float = 0.0,
         max_norm: float | None = None,
+        loss: LossName = "ce",
+        class_weights: Sequence[float] | None = None,
+        focal_alpha: float | None = 0.25,
+        focal_gamma: float = 2.0,
     ) -> None:
         super().__init__()
         if task not in ("multiclass", "binary", "regression"):
@@ -80,6 +93,7 @@ class ClassificationModule(pl.LightningModule):
         for name, value in (("l1", l1), ("l2", l2), ("max_norm", max_norm or 0.0)):
             if value < 0:
                 raise ValueError(f"{name}={value}: regularisation weights and norms must be >= 0.")
+        self._check_loss(task, num_classes, loss, class_weights, focal_gamma)
         self.save_hyperparameters()
         self.task = task
         self.num_classes = num_classes
@@ -90,6 +104,47 @@ class ClassificationModule(pl.LightningModule):
         self.train_metrics = self._make_metrics("train")
         self.val_metrics = self._make_metrics("val")
         self.test_metrics = self._make_metrics("test")
+        if loss == "balanced_ce":  # a buffer only then: checkpoints of the other losses keep their exact keys
+            weights = torch.ones(self._num_loss_classes) if class_weights is None else torch.tensor(class_weights)
+            self.register_buffer("loss_class_weights", weights.float())
+
+    @property
+    def _num_loss_classes(self) -> int:
+        return self.num_classes if self.task == "multiclass" else 2
+
+    @staticmethod
+    def _check_loss(
+        task: str, num_classes: int, loss: str, class_weights: Sequence[float] | None, gamma: float
+    ) -> None:
+        if loss not in LOSSES:
+            raise ValueError(f"loss={loss!r}: choose one of {', '.join(LOSSES)}.")
+        if task == "regression" and loss != "ce":
+            raise ValueError(
+                f"loss={loss!r} is a classification loss but task='regression' trains with MSE; "
+                "drop --model.init_args.loss (or pick task multiclass/binary)."
+            )
+        if gamma < 0:
+            raise ValueError(f"focal_gamma={gamma}: the focusing parameter must be >= 0 (0 gives plain CE).")
+        expected = num_classes if task == "multiclass" else 2
+        if class_weights is not None and len(class_weights) != expected:
+            raise ValueError(
+                f"class_weights has {len(class_weights)} entries but a {task} task needs {expected} "
+                "(one per class; binary: [negative, positive])."
+            )
+
+    def compute_loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        """The configured loss (``loss``/``class_weights``/``focal_*``) of a batch; subclasses may reuse it."""
+        hp = self.hparams
+        return task_loss(
+            logits,
+            target,
+            self.task,
+            hp.prob_clip,
+            loss=hp.get("loss", "ce"),
+            class_weights=getattr(self, "loss_class_weights", None),
+            alpha=hp.get("focal_alpha", 0.25),
+            gamma=hp.get("focal_gamma", 2.0),
+        )
 
     @property
     def out_features(self) -> int:
@@ -155,7 +210,7 @@ class ClassificationModule(pl.LightningModule):
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         x, y = batch
         logits = self(x)
-        loss = task_loss(logits, y, self.task, self.hparams.prob_clip)
+        loss = self.compute_loss(logits, y)
         batch_size = len(x)
         self.log(
             f"{stage}/loss",
@@ -208,6 +263,10 @@ class ClassificationModule(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None:
             return
+        if stage == "fit" and self.hparams.get("loss") == "balanced_ce" and self.hparams.class_weights is None:
+            # The datamodule's setup ran first; every rank holds the whole training split, so all agree.
+            counts = training_class_counts(datamodule, self._num_loss_classes)
+            self.loss_class_weights.copy_(balanced_class_weights(counts).to(self.loss_class_weights))
         name = type(datamodule).__name__
         dims = getattr(datamodule, "dims", None)
         if dims is not None and tuple(dims) != self.input_shape:
