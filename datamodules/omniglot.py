@@ -1,0 +1,588 @@
+"""Omniglot for few-shot learning: episodes of N-way K-shot support sets and Q queries per class.
+
+The notes (*Meta Learning / Few-Shot Learning*): the model gets a *support set* of N classes ("N-way") with K
+examples each ("K-shot") and labels *query* images by comparing them with the support set; more classes make the
+task harder, more shots make it easier. Omniglot (Lake et al., 2015: 1,623 handwritten characters of 50
+alphabets, 20 drawings each) is the standard benchmark.
+
+Data layout: torchvision's (``<data_dir>/omniglot-py/images_background/`` and ``images_evaluation/``,
+downloaded by :meth:`OmniglotDataModule.prepare_data`), or any extracted tree ``<Alphabet>/<character>/*.png``
+(what the official zips extract to) given as ``background_dir`` / ``evaluation_dir``.
+
+Speed: every PNG is decoded once, resized (28x28 by default) and kept as one ``uint8`` tensor; the tensor is
+also cached on disk (keyed by the file list and the options, written atomically in ``prepare_data``), so a
+later run loads it in well under a second and an episode is one tensor index, not a hundred PNG decodes.
+
+Episodes are a function of ``(seed, epoch, episode number)`` only: the same seed gives the same episodes,
+every process of a DDP run draws its own share of them (no two ranks train on the same episode), and a run
+resumed in mid-epoch continues with the episodes it had not seen (the sampler is a
+:class:`~datamodules.base.ResumableSampler`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image, UnidentifiedImageError
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.base import (
+    CorruptDataError,
+    DataNotFoundError,
+    ResumableDataLoader,
+    ResumableSampler,
+    collate_batch,
+    default_data_dir,
+    training_seed,
+)
+
+SplitName = Literal["alphabets", "characters"]
+CACHE_VERSION = 1  # bump when decoding changes, so stale caches are never read
+IMAGE_SUFFIXES = (".png",)
+STREAMS = {"train": 0, "val": 1, "test": 2}  # independent random streams per split
+
+
+# ---- decoding and caching ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class CharacterImages:
+    """Every drawing of a set of characters as one ``uint8`` tensor.
+
+    ``images[offsets[i] : offsets[i] + counts[i]]`` are the drawings of ``characters[i]`` (``"Alphabet/character"``).
+    """
+
+    images: Tensor  # uint8 (N, 1, S, S)
+    characters: list[str]
+    offsets: Tensor  # int64 (num_characters,)
+    counts: Tensor  # int64 (num_characters,)
+
+    @property
+    def alphabets(self) -> list[str]:
+        return [name.split("/", 1)[0] for name in self.characters]
+
+    def select(self, keep: Sequence[int]) -> CharacterImages:
+        """The same image tensor (no copy) with only the characters at positions ``keep``."""
+        keep_t = torch.as_tensor(list(keep), dtype=torch.long)
+        return CharacterImages(
+            self.images, [self.characters[i] for i in keep], self.offsets[keep_t], self.counts[keep_t]
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[CharacterImages]) -> CharacterImages:
+        """One table of several trees; a character present in several (same ``Alphabet/character``) is kept once."""
+        images, characters, offsets, counts, base, seen = [], [], [], [], 0, set()
+        for part in parts:
+            keep = [i for i, name in enumerate(part.characters) if name not in seen]
+            seen.update(part.characters)
+            images.append(part.images)
+            characters += [part.characters[i] for i in keep]
+            offsets.append(part.offsets[keep] + base)
+            counts.append(part.counts[keep])
+            base += len(part.images)
+        return CharacterImages(torch.cat(images), characters, torch.cat(offsets), torch.cat(counts))
+
+
+def scan_tree(root: Path) -> list[tuple[str, list[Path]]]:
+    """``[("Alphabet/character", [drawing paths])]`` of a tree ``root/<Alphabet>/<character>/*.png``, sorted."""
+    if not root.is_dir():
+        raise DataNotFoundError(
+            f"Omniglot folder {root} does not exist. Point background_dir / evaluation_dir at an extracted tree "
+            "<Alphabet>/<character>/*.png (what images_background.zip and images_evaluation.zip extract to), or "
+            "leave them unset to use (and download) torchvision's <data_dir>/omniglot-py/."
+        )
+    characters = []
+    for alphabet in sorted(p for p in root.iterdir() if p.is_dir()):
+        for character in sorted(p for p in alphabet.iterdir() if p.is_dir()):
+            files = sorted(p for p in character.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if files:
+                characters.append((f"{alphabet.name}/{character.name}", files))
+    if not characters:
+        deeper = next(root.glob("*/*/*/*.png"), None)
+        hint = (
+            f" The PNGs sit one level deeper (e.g. {deeper}): use {deeper.parents[2]} as the folder."
+            if deeper is not None
+            else ""
+        )
+        raise DataNotFoundError(
+            f"{root} holds no Omniglot drawings: expected the layout <Alphabet>/<character>/*.png "
+            f"(e.g. {root}/Latin/character01/0683_01.png).{hint}"
+        )
+    return characters
+
+
+def load_image(path: Path, image_size: int, invert: bool = True) -> np.ndarray:
+    """One drawing as a ``uint8`` ``(size, size)`` array: grayscale, resized with antialiasing, strokes bright.
+
+    Omniglot strokes are black on white; ``invert`` makes them 255 on 0 (as MNIST, and as Snell et al.'s
+    ``1 - x``), so zero padding and max pooling see the background as "nothing".
+    """
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L")
+            if image.size != (image_size, image_size):
+                image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+            array = np.asarray(image, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise CorruptDataError(
+            f"Cannot decode {path} ({type(err).__name__}: {err}). The file is damaged or not an image; replace it "
+            "with the original from the Omniglot zip (or delete it: a character needs only shot + query drawings)."
+        ) from err
+    return 255 - array if invert else array.copy()
+
+
+def decode_tree(characters: list[tuple[str, list[Path]]], image_size: int, invert: bool) -> CharacterImages:
+    """Decode every drawing of a scanned tree into one :class:`CharacterImages`."""
+    counts = [len(files) for _, files in characters]
+    images = np.empty((sum(counts), 1, image_size, image_size), dtype=np.uint8)
+    i = 0
+    for _, files in characters:
+        for path in files:
+            images[i, 0] = load_image(path, image_size, invert)
+            i += 1
+    counts_t = torch.tensor(counts, dtype=torch.long)
+    offsets = torch.cumsum(counts_t, 0) - counts_t
+    return CharacterImages(torch.from_numpy(images), [name for name, _ in characters], offsets, counts_t)
+
+
+def cache_key(characters: list[tuple[str, list[Path]]], image_size: int, invert: bool) -> str:
+    """A digest of the options and of every file's relative path, size and modification time."""
+    digest = hashlib.sha1(f"v{CACHE_VERSION}|{image_size}|{invert}".encode())
+    for name, files in characters:
+        for path in files:
+            stat = path.stat()
+            digest.update(f"|{name}/{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _write_atomically(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_cache(path: Path) -> CharacterImages | None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return CharacterImages(state["images"], list(state["characters"]), state["offsets"], state["counts"])
+    except Exception as err:  # a damaged cache is only a cache: decode again
+        rank_zero_warn(f"Ignoring the unreadable Omniglot cache {path} ({type(err).__name__}: {err}); decoding.")
+        return None
+
+
+def load_tree(
+    root: Path, image_size: int = 28, invert: bool = True, cache_dir: Path | None = None, write_cache: bool = False
+) -> CharacterImages:
+    """The drawings of ``root`` from the cache in ``cache_dir`` when it matches, else decoded (and cached when
+    ``write_cache``; only ``prepare_data`` writes, so one process per node does)."""
+    characters = scan_tree(root)
+    path = None
+    if cache_dir is not None:
+        path = cache_dir / f"omniglot_{root.name}_{image_size}px_{cache_key(characters, image_size, invert)}.pt"
+        if path.is_file():
+            cached = _read_cache(path)
+            if cached is not None:
+                return cached
+    rank_zero_info(f"Decoding {sum(len(f) for _, f in characters)} Omniglot drawings in {root} ...")
+    decoded = decode_tree(characters, image_size, invert)
+    if write_cache and path is not None:
+        state = {
+            "images": decoded.images,
+            "characters": decoded.characters,
+            "offsets": decoded.offsets,
+            "counts": decoded.counts,
+        }
+        try:
+            _write_atomically(state, path)
+        except OSError as err:  # e.g. a read-only shared dataset folder: run without the cache
+            rank_zero_warn(f"Cannot write the Omniglot cache {path} ({err}); set cache_dir to a writable folder.")
+    return decoded
+
+
+# ---- episodes ----------------------------------------------------------------------------------------------------
+
+
+class EpisodeDataset(Dataset):
+    """Episodes drawn from a pool of classes; an episode is a function of ``(seed, epoch, index)``.
+
+    A class is a ``(character, quarter turns)`` pair: with rotations, a character rotated by 90/180/270 degrees
+    is a new class, and all its drawings in the episode (support and query) are rotated alike.
+
+    Keys come from :class:`EpisodeSampler`; ``__getitems__`` receives a one-key batch and returns one episode::
+
+        support         uint8 (way * shot, C, H, W)   class-major: shot drawings of class 0, then of class 1, ...
+        support_labels  int64 (way * shot,)           in [0, way)
+        query           uint8 (way * query, C, H, W)
+        query_labels    int64 (way * query,)
+        classes         int64 (way, 2)                (character index, quarter turns) of each episode class
+        episode         int64 ()                      the episode number (tells padded DDP repeats apart)
+    """
+
+    def __init__(
+        self,
+        table: CharacterImages,
+        classes: Tensor,
+        way: int,
+        shot: int,
+        query: int,
+        episodes: int,
+        stream: int = 0,
+    ) -> None:
+        self.table, self.classes = table, classes
+        self.way, self.shot, self.query, self.episodes, self.stream = way, shot, query, episodes, stream
+        # The rotated copies are made once (x4 memory of this split, 60 MB for all of Omniglot's background set):
+        # an episode is then a single gather from (turns, N, C, H, W), with no per-episode image work.
+        turns = int(classes[:, 1].max()) + 1 if len(classes) else 1
+        images = table.images
+        self.views = torch.stack([torch.rot90(images, k, dims=(-2, -1)) if k else images for k in range(turns)])
+        self.views = self.views.flatten(0, 1)  # row = turn * N + image
+
+    def __len__(self) -> int:
+        return self.episodes
+
+    def episode(self, seed: int, epoch: int, index: int) -> dict[str, Tensor]:
+        rng = np.random.default_rng([seed, self.stream, epoch, index])
+        picked = self.classes[torch.from_numpy(rng.choice(len(self.classes), self.way, replace=False))]
+        per_class = self.shot + self.query
+        characters, turns = picked[:, 0], picked[:, 1]
+        counts = self.table.counts[characters].numpy()
+        # shot + query distinct drawings per class: the first ones of a random order of its drawings.
+        keys = rng.random((self.way, int(counts.max())))
+        keys[np.arange(keys.shape[1]) >= counts[:, None]] = np.inf
+        drawings = torch.from_numpy(np.argsort(keys, axis=1)[:, :per_class])
+        rows = turns[:, None] * len(self.table.images) + self.table.offsets[characters][:, None] + drawings
+        labels = torch.arange(self.way)
+        return {
+            "support": self.views[rows[:, : self.shot].reshape(-1)],
+            "support_labels": labels.repeat_interleave(self.shot),
+            "query": self.views[rows[:, self.shot :].reshape(-1)],
+            "query_labels": labels.repeat_interleave(self.query),
+            "classes": picked,
+            "episode": torch.tensor(index),
+        }
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Tensor]:
+        return self.episode(*key)
+
+    def __getitems__(self, keys: list[tuple[int, int, int]]) -> dict[str, Tensor]:
+        if len(keys) != 1:
+            raise ValueError(f"an episode is a batch: load EpisodeDataset with batch_size=1 (got {len(keys)} keys)")
+        return self.episode(*keys[0])
+
+
+class EpisodeSampler(ResumableSampler):
+    """Yields ``(seed, epoch, episode number)`` keys; rank ``r`` of ``W`` takes episode numbers ``r, r + W, ...``.
+
+    A :class:`ResumableSampler` over the episode numbers, so the keys are sharded, padded and resumed exactly as
+    the image datasets' samples are. With ``vary_with_epoch=False`` (validation and test) every epoch has the same
+    episodes, so validation scores are comparable from epoch to epoch.
+    """
+
+    def __init__(self, dataset: EpisodeDataset, vary_with_epoch: bool = True, **kwargs: Any) -> None:
+        super().__init__(dataset, shuffle=False, **kwargs)
+        self.vary_with_epoch = vary_with_epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        epoch = self.epoch if self.vary_with_epoch else 0
+        return ((self.seed, epoch, index) for index in super().__iter__())
+
+
+def _count(value: int | float, total: int, what: str) -> int:
+    """A count, or a fraction of ``total`` (rounded, at least 1 when the fraction is positive)."""
+    n = max(1, round(value * total)) if isinstance(value, float) and value > 0 else int(value)
+    if not 0 <= n < total:
+        raise ValueError(f"{what}={value} asks for {n} of {total}; pass a smaller count or a fraction in [0, 1).")
+    return n
+
+
+# ---- the datamodule ----------------------------------------------------------------------------------------------
+
+
+class OmniglotDataModule(pl.LightningDataModule):
+    """Episodic Omniglot: N-way K-shot support sets with Q queries per class, from disjoint class pools.
+
+    Splits (class pools never overlap):
+
+    - ``split="alphabets"`` (default, Lake et al.): test episodes come from the evaluation alphabets; training and
+      validation from the background alphabets, ``val_alphabets`` of them held out (seeded) for validation. When
+      both trees hold an alphabet of the same name, it is left out of the test pool (with a warning), so no
+      test character is a training one.
+    - ``split="characters"`` (Vinyals et al.): the characters of both trees are pooled and split by a seeded
+      shuffle into ``test_classes`` / ``val_classes`` / the rest for training (Snell et al. use 423 / 172 / 1028).
+
+    Training classes are augmented with rotations by 90, 180 and 270 degrees as new classes (``rotations``);
+    validation and test classes never are.
+
+    Args:
+        data_dir: Root of torchvision's ``omniglot-py/`` (default ``$DATA_DIR`` or ``./data``); downloaded there
+            by ``prepare_data`` when a tree below is not given and not present.
+        background_dir: An extracted ``<Alphabet>/<character>/*.png`` tree for training/validation (default
+            ``<data_dir>/omniglot-py/images_background``).
+        evaluation_dir: The tree for testing (default ``<data_dir>/omniglot-py/images_evaluation``).
+        split: ``alphabets`` or ``characters``, see above.
+        val_alphabets: Background alphabets held out for validation (count or fraction; ``alphabets`` split).
+        val_classes: Validation characters (count or fraction; ``characters`` split).
+        test_classes: Test characters (count or fraction; ``characters`` split).
+        image_size: Side of the square images (28 as Vinyals et al. and Snell et al.).
+        invert: Strokes bright on a dark background (see :func:`load_image`).
+        rotations: Rotated training characters as new classes (x4 training classes).
+        train_way, train_shot, train_query: N, K and queries per class of training episodes (Snell et al.
+            train with more classes than they test: 60-way, 5 queries, shot as at test time).
+        train_episodes: Training episodes per epoch (over all processes: each of W ranks draws 1/W of them).
+        test_way, test_shot, test_query: N', K' and queries per class of validation and test episodes.
+        val_episodes: Validation episodes (the same ones every epoch).
+        test_episodes: Test episodes (Snell et al. average over 1,000).
+        cache: Keep the decoded images on disk (``cache_dir``) for the next run.
+        cache_dir: Folder of the cache (default ``<data_dir>/omniglot_cache``).
+        num_workers: DataLoader workers; 0 is fastest (an episode is a tensor index).
+        pin_memory: Pin episodes for faster host-to-GPU copies (ignored without a GPU).
+        seed: Seed of the class splits and of the validation/test episodes. Training episodes follow the run's
+            seed (``seed_everything``) and the epoch.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        background_dir: str | None = None,
+        evaluation_dir: str | None = None,
+        split: SplitName = "alphabets",
+        val_alphabets: int | float = 0.2,
+        val_classes: int | float = 172,
+        test_classes: int | float = 423,
+        image_size: int = 28,
+        invert: bool = True,
+        rotations: bool = True,
+        train_way: int = 60,
+        train_shot: int = 1,
+        train_query: int = 5,
+        train_episodes: int = 100,
+        test_way: int = 5,
+        test_shot: int = 1,
+        test_query: int = 15,
+        val_episodes: int = 100,
+        test_episodes: int = 1000,
+        cache: bool = True,
+        cache_dir: str | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = True,
+        seed: int = 42,
+    ) -> None:
+        super().__init__()
+        if split not in ("alphabets", "characters"):
+            raise ValueError(f"split={split!r}: choose 'alphabets' (Lake et al.) or 'characters' (Vinyals et al.).")
+        for name, value in (("train_way", train_way), ("test_way", test_way)):
+            if value < 2:
+                raise ValueError(f"{name}={value}: an episode needs at least 2 classes (N-way with N >= 2).")
+        for name, value in (("train_shot", train_shot), ("test_shot", test_shot)):
+            if value < 1:
+                raise ValueError(f"{name}={value}: every class needs at least one support example (K >= 1).")
+        for name, value in (("train_query", train_query), ("test_query", test_query)):
+            if value < 1:
+                raise ValueError(f"{name}={value}: every class needs at least one query per episode.")
+        if image_size < 8:
+            raise ValueError(f"image_size={image_size}: use at least 8 pixels (28 is the standard).")
+        self.save_hyperparameters()
+        self.data_dir = Path(data_dir if data_dir is not None else default_data_dir()).expanduser()
+        self.train_set: EpisodeDataset | None = None
+        self.val_set: EpisodeDataset | None = None
+        self.test_set: EpisodeDataset | None = None
+        self.pools: dict[str, list[str]] = {}  # split -> its characters ("Alphabet/character"), for inspection
+
+    # ---- shapes the model checks ----------------------------------------------------------------------------
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        return (1, self.hparams.image_size, self.hparams.image_size)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes per training episode (N of the N-way training task). Episodes carry their own labels
+        ``0..N-1``; a few-shot model has no layer of this width, it only records the task it trained on."""
+        return self.hparams.train_way
+
+    # ---- files ------------------------------------------------------------------------------------------------
+    @property
+    def torchvision_root(self) -> Path:
+        return self.data_dir / "omniglot-py"
+
+    def tree(self, which: Literal["background", "evaluation"]) -> Path:
+        given = self.hparams.background_dir if which == "background" else self.hparams.evaluation_dir
+        return Path(given).expanduser() if given else self.torchvision_root / f"images_{which}"
+
+    @property
+    def cache_path(self) -> Path | None:
+        if not self.hparams.cache:
+            return None
+        return Path(self.hparams.cache_dir).expanduser() if self.hparams.cache_dir else self.data_dir / "omniglot_cache"
+
+    def prepare_data(self) -> None:
+        """Download what is missing (torchvision layout only), then decode and cache both trees."""
+        for which in ("background", "evaluation"):
+            given = self.hparams.background_dir if which == "background" else self.hparams.evaluation_dir
+            if given is None and not self.tree(which).is_dir():
+                self._download(which)
+        for which in ("background", "evaluation"):
+            load_tree(self.tree(which), self.hparams.image_size, self.hparams.invert, self.cache_path, True)
+
+    def _download(self, which: str) -> None:
+        from torchvision.datasets import Omniglot
+
+        rank_zero_info(f"Omniglot {which} set not found in {self.torchvision_root}; downloading it with torchvision")
+        try:
+            Omniglot(str(self.data_dir), background=which == "background", download=True)
+        except Exception as err:  # URLError, OSError, RuntimeError depending on what failed
+            raise DataNotFoundError(
+                f"The Omniglot {which} set is not in {self.tree(which)} and downloading images_{which}.zip from "
+                f"{Omniglot.download_url_prefix} failed ({type(err).__name__}: {err}). Either run once with network "
+                f"access (e.g. on a login node), or extract images_{which}.zip into {self.torchvision_root}, or set "
+                f"--data.init_args.{which}_dir to an extracted <Alphabet>/<character>/*.png tree."
+            ) from err
+
+    def _table(self, which: Literal["background", "evaluation"]) -> CharacterImages:
+        return load_tree(self.tree(which), self.hparams.image_size, self.hparams.invert, self.cache_path)
+
+    # ---- class pools ------------------------------------------------------------------------------------------
+    def split_tables(self, stages: Sequence[str]) -> dict[str, CharacterImages]:
+        """The characters of each split (``train``/``val``/``test``) wanted by ``stages``; pools are disjoint."""
+        hp = self.hparams
+        generator = torch.Generator().manual_seed(hp.seed)
+        if hp.split == "characters":
+            table = CharacterImages.concat([self._table("background"), self._table("evaluation")])
+            n = len(table.characters)
+            n_test = _count(hp.test_classes, n, "test_classes")
+            n_val = _count(hp.val_classes, n - n_test, "val_classes")
+            order = torch.randperm(n, generator=generator).tolist()
+            parts = {
+                "test": sorted(order[:n_test]),
+                "val": sorted(order[n_test : n_test + n_val]),
+                "train": sorted(order[n_test + n_val :]),
+            }
+            return {name: table.select(keep) for name, keep in parts.items()}
+        tables: dict[str, CharacterImages] = {}
+        background_tree = self.tree("background")
+        background = self._table("background") if "fit" in stages or background_tree.is_dir() else None
+        if "fit" in stages:
+            alphabets = sorted(set(background.alphabets))
+            n_val = _count(hp.val_alphabets, len(alphabets), "val_alphabets") if hp.val_alphabets else 0
+            held_out = {alphabets[i] for i in torch.randperm(len(alphabets), generator=generator)[:n_val].tolist()}
+            in_val = [a in held_out for a in background.alphabets]
+            tables["train"] = background.select([i for i, v in enumerate(in_val) if not v])
+            tables["val"] = background.select([i for i, v in enumerate(in_val) if v])
+        if "test" in stages:
+            evaluation = self._table("evaluation")
+            shared = sorted(set(evaluation.alphabets) & set(background.alphabets if background else ()))
+            if shared:
+                rank_zero_warn(
+                    f"The background tree {background_tree} and the evaluation tree {self.tree('evaluation')} both "
+                    f"hold the alphabets {shared}; they are left out of the test pool so that no test character "
+                    "is a training or validation one."
+                )
+                evaluation = evaluation.select([i for i, a in enumerate(evaluation.alphabets) if a not in shared])
+            tables["test"] = evaluation
+        return tables
+
+    def _episodes(self, table: CharacterImages, split: str) -> EpisodeDataset | None:
+        hp = self.hparams
+        train = split == "train"
+        way, shot, query = (
+            (hp.train_way, hp.train_shot, hp.train_query) if train else (hp.test_way, hp.test_shot, hp.test_query)
+        )
+        episodes = {"train": hp.train_episodes, "val": hp.val_episodes, "test": hp.test_episodes}[split]
+        if split == "val" and (not table.characters or episodes == 0):
+            return None
+        n = len(table.characters)
+        turns = (0, 1, 2, 3) if train and hp.rotations else (0,)
+        classes = torch.tensor([(c, k) for k in turns for c in range(n)], dtype=torch.long).view(-1, 2)
+        if len(classes) < way:
+            raise ValueError(
+                f"The {split} pool has {len(classes)} classes ({n} characters"
+                f"{' x 4 rotations' if len(turns) > 1 else ''}) but {split} episodes are {way}-way. Lower "
+                f"{'train' if train else 'test'}_way, or give this split "
+                "more characters (val_alphabets / val_classes / test_classes, or a larger tree)."
+            )
+        few = [table.characters[i] for i in range(n) if int(table.counts[i]) < shot + query]
+        if few:
+            raise CorruptDataError(
+                f"{len(few)} {split} character(s) (e.g. {few[0]}) have fewer drawings than an episode takes per "
+                f"class (shot {shot} + query {query}); Omniglot has 20 per character. Lower the query count, or "
+                "restore the missing PNGs."
+            )
+        self.pools[split] = list(table.characters)
+        return EpisodeDataset(table, classes, way, shot, query, episodes, stream=STREAMS[split])
+
+    # ---- Lightning hooks --------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        stages = ["fit"] if stage in ("fit", "validate") else ["test"]
+        if stage in ("fit", "validate") and self.train_set is not None:
+            return
+        if stage in ("test", "predict") and self.test_set is not None:
+            return
+        tables = self.split_tables(stages)
+        if "train" in tables and self.train_set is None:
+            self.train_set = self._episodes(tables["train"], "train")
+            self.val_set = self._episodes(tables["val"], "val")
+        if "test" in tables:
+            self.test_set = self._episodes(tables["test"], "test")
+
+    def _shard(self) -> tuple[int, int]:
+        """(world size, global rank) under DDP with Lightning's distributed sampling, else (1, 0)."""
+        trainer = self.trainer
+        kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
+        if not kwargs or not trainer._accelerator_connector.use_distributed_sampler:
+            return 1, 0
+        return kwargs["num_replicas"], kwargs["rank"]
+
+    def _loader(self, dataset: EpisodeDataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not run for this stage")
+        num_replicas, rank = self._shard()
+        seed = training_seed() if train else self.hparams.seed
+        sampler = EpisodeSampler(dataset, vary_with_epoch=train, num_replicas=num_replicas, rank=rank, seed=seed)
+        workers = self.hparams.num_workers
+        return ResumableDataLoader(
+            dataset,
+            batch_size=1,  # one key, one episode: __getitems__ returns the whole episode
+            sampler=sampler,
+            num_workers=workers,
+            collate_fn=collate_batch,
+            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_set, train=False) if self.val_set is not None else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """``uint8`` pixels -> ``float32`` in [0, 1] on the device (Snell et al.'s scaling; no statistics)."""
+        if isinstance(batch, dict):
+            for key in ("support", "query"):
+                if key in batch and batch[key].dtype == torch.uint8:
+                    batch[key] = batch[key].float().div_(255.0)
+        return batch
