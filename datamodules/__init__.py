@@ -5,6 +5,7 @@ from datamodules.cifar10 import CIFAR10DataModule
 from datamodules.digits import DigitsDataModule
 from datamodules.image_folder import ImageFolderDataModule
 from datamodules.mnist import MNISTDataModule
+from datamodules.omniglot import OmniglotDataModule
 
 __all__ = [
     "CIFAR10DataModule",
@@ -15,4 +16,5 @@ __all__ = [
     "ImageFolderDataModule",
     "InMemoryImageDataset",
     "MNISTDataModule",
+    "OmniglotDataModule",
 ]

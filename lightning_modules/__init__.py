@@ -3,6 +3,7 @@
 from lightning_modules.base import ClassificationModule
 from lightning_modules.cnn import CNNClassifier
 from lightning_modules.densenet import DenseNetClassifier
+from lightning_modules.few_shot import NearestNeighbourBaseline, ProtoNet
 from lightning_modules.mlp import MLPClassifier
 from lightning_modules.resnet import ResNetClassifier
 from lightning_modules.rnn import RNNClassifier
@@ -14,6 +15,8 @@ __all__ = [
     "ClassificationModule",
     "DenseNetClassifier",
     "MLPClassifier",
+    "NearestNeighbourBaseline",
+    "ProtoNet",
     "RNNClassifier",
     "ResNetClassifier",
     "TransferClassifier",
