@@ -4,6 +4,7 @@ from datamodules.base import CorruptDataError, DataNotFoundError, ImageDataModul
 from datamodules.cifar10 import CIFAR10DataModule
 from datamodules.digits import DigitsDataModule
 from datamodules.image_folder import ImageFolderDataModule
+from datamodules.imdb import IMDBDataModule
 from datamodules.mnist import MNISTDataModule
 from datamodules.omniglot import OmniglotDataModule
 
@@ -12,6 +13,7 @@ __all__ = [
     "CorruptDataError",
     "DataNotFoundError",
     "DigitsDataModule",
+    "IMDBDataModule",
     "ImageDataModule",
     "ImageFolderDataModule",
     "InMemoryImageDataset",

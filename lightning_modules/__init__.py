@@ -7,6 +7,7 @@ from lightning_modules.few_shot import NearestNeighbourBaseline, ProtoNet
 from lightning_modules.mlp import MLPClassifier
 from lightning_modules.resnet import ResNetClassifier
 from lightning_modules.rnn import RNNClassifier
+from lightning_modules.text import MultiHotMLPClassifier, SequenceClassifier
 from lightning_modules.transfer import TransferClassifier
 from lightning_modules.y_network import YNetworkClassifier
 
@@ -15,10 +16,12 @@ __all__ = [
     "ClassificationModule",
     "DenseNetClassifier",
     "MLPClassifier",
+    "MultiHotMLPClassifier",
     "NearestNeighbourBaseline",
     "ProtoNet",
     "RNNClassifier",
     "ResNetClassifier",
+    "SequenceClassifier",
     "TransferClassifier",
     "YNetworkClassifier",
 ]
