@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -167,30 +167,32 @@ class ResumableSampler(DistributedSampler):
         return iter(rest[self.rank :: self.num_replicas])
 
 
-class ResumableDataLoader(DataLoader):
-    """A ``DataLoader`` whose position in the epoch travels with Lightning's checkpoints.
+class ResumablePosition:
+    """The position in the epoch of a loader drawn by a :class:`ResumableSampler`, as a checkpointable state.
 
     Lightning's fit loop saves ``state_dict()`` of every training dataloader that has one into each checkpoint
     (``loops.fit_loop.state_dict.combined_loader``) and, when ``fit`` restores a checkpoint, calls
-    ``load_state_dict()`` before the first batch is drawn. The state is the :class:`ResumableSampler`'s epoch,
-    seed and position plus the loader's generator: a restored loader yields exactly the batches the interrupted
-    run had not trained on yet, in the same order. Batches are counted as the loader yields them, which is when
-    Lightning consumes them (it prefetches nothing from loaders with a length), so worker prefetching does not
-    distort the count. With any other sampler the loader is an ordinary ``DataLoader`` with an empty state.
+    ``load_state_dict()`` before the first batch is drawn. The state is the sampler's epoch, seed and position
+    plus the loader's generator: a restored loader yields exactly the batches the interrupted run had not trained
+    on yet, in the same order. Batches are counted as the loader yields them, which is when Lightning consumes
+    them (it prefetches nothing from loaders with a length), so worker prefetching does not distort the count.
+    With any other sampler the state is empty. A loader class mixes this in and wraps its batches in
+    :meth:`_counted`; it has ``sampler``, ``batch_size`` and ``generator`` attributes.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._iter_epoch: int | None = None  # epoch of the iteration in progress
-        self._iter_start = 0  # sampler position at which it began
-        self._yielded = 0  # batches it has yielded
+    sampler: Any
+    batch_size: int | None
+    generator: torch.Generator | None
+    _iter_epoch: int | None = None  # epoch of the iteration in progress
+    _iter_start = 0  # sampler position at which it began
+    _yielded = 0  # batches it has yielded
 
-    def __iter__(self) -> Iterator[Any]:
+    def _counted(self, batches: Iterator[Any]) -> Iterator[Any]:
         # A generator: the sampler is read when the first batch is requested, i.e. after Lightning's set_epoch().
         sampler = self.sampler
         if isinstance(sampler, ResumableSampler):
             self._iter_epoch, self._iter_start, self._yielded = sampler.epoch, sampler.start, 0
-        for batch in super().__iter__():
+        for batch in batches:
             self._yielded += 1
             yield batch
 
@@ -228,6 +230,63 @@ class ResumableDataLoader(DataLoader):
         self._iter_epoch = None
         if self.generator is not None and "generator" in state_dict:
             self.generator.set_state(state_dict["generator"])
+
+
+class ResumableDataLoader(ResumablePosition, DataLoader):
+    """A ``DataLoader`` whose position in the epoch travels with Lightning's checkpoints (see
+    :class:`ResumablePosition`); with any sampler but a :class:`ResumableSampler` an ordinary ``DataLoader``."""
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._counted(super().__iter__())
+
+
+class DeviceBatchLoader(ResumablePosition):
+    """Training batches cut from a copy of the dataset that lives on the training device (airbench style).
+
+    The ``uint8`` images and labels move to the device once; each batch is then one indexing op on the device:
+    no DataLoader machinery, no per-batch host-to-device copy (on a GPU), no pinned staging. The order is the
+    :class:`ResumableSampler`'s (same seeded permutation, same per-rank shard, same mid-epoch resume), so it
+    yields exactly the batches a :class:`ResumableDataLoader` over the same sampler would.
+
+    Args:
+        dataset: The in-memory training set.
+        batch_size: Per-device batch size (the last batch may be smaller, as ``drop_last=False``).
+        sampler: The order of the epoch (its ``set_epoch`` is called by Lightning through ``loader.sampler``).
+        device: Returns the device to hold the data on (the trainer's root device), asked at each epoch start.
+    """
+
+    generator = None
+
+    def __init__(
+        self,
+        dataset: InMemoryImageDataset,
+        batch_size: int,
+        sampler: ResumableSampler,
+        device: Callable[[], torch.device] = lambda: torch.device("cpu"),
+    ) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.sampler = sampler
+        self.device = device
+        self._resident: tuple[Tensor, Tensor] | None = None
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def resident(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Images and labels on ``device``, copied there once."""
+        if self._resident is None or self._resident[0].device != device:
+            self._resident = (self.dataset.images.to(device), self.dataset.targets.to(device))
+        return self._resident
+
+    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        images, targets = self.resident(self.device())
+        order = torch.tensor(list(iter(self.sampler)), dtype=torch.long).to(images.device, non_blocking=True)
+        for index in order.split(self.batch_size):
+            yield images[index], targets[index]
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self._counted(self._batches())
 
 
 def channel_stats(images: Tensor) -> tuple[Tensor, Tensor]:
@@ -285,6 +344,10 @@ class ImageDataModule(pl.LightningDataModule):
         target_format: ``"index"`` gives integer labels, ``"one_hot"`` float one-hot rows (the model picks
             the matching loss either way).
         channels_last: Hand batches to the model in ``channels_last`` memory format (faster convs on GPUs).
+        device_resident: Keep the training set on the training device and cut batches there
+            (:class:`DeviceBatchLoader`): the fastest path for data this size. It applies when ``num_workers`` is 0
+            and there is no ``sample_augment`` (those run in a DataLoader on the host); ``False`` uses a
+            ``DataLoader`` always. Same batches, same order, same resume either way.
         seed: Seed of the train/val split, independent of the training seed. The order of the training
             batches follows the run's seed (``seed_everything``) and the epoch: see :class:`ResumableSampler`.
     """
@@ -306,6 +369,7 @@ class ImageDataModule(pl.LightningDataModule):
         sample_augment: SampleAugment | None = None,
         target_format: TargetFormat = "index",
         channels_last: bool = False,
+        device_resident: bool = True,
         seed: int = 42,
     ) -> None:
         super().__init__()
@@ -376,7 +440,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.mean, self.std = mean.float(), std.float()
         self._device_stats.clear()
 
-    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader | DeviceBatchLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not run for this stage")
         batch_size = self.hparams.batch_size if train else self.hparams.eval_batch_size or self.hparams.batch_size
@@ -388,6 +452,8 @@ class ImageDataModule(pl.LightningDataModule):
             num_replicas, rank = self._shard()
             sampler = ResumableSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
             loader_class = ResumableDataLoader
+            if self.hparams.device_resident and workers == 0 and isinstance(dataset, InMemoryImageDataset):
+                return DeviceBatchLoader(dataset, batch_size, sampler, device=self._device)
         return loader_class(
             dataset,
             batch_size=batch_size,
@@ -398,6 +464,11 @@ class ImageDataModule(pl.LightningDataModule):
             persistent_workers=workers > 0,
             generator=torch.Generator().manual_seed(seed),
         )
+
+    def _device(self) -> torch.device:
+        """The device training runs on (the trainer's root device), CPU without a trainer."""
+        trainer = self.trainer
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
 
     def _shard(self) -> tuple[int, int]:
         """(world size, global rank) for the training sampler: Lightning's values under DDP, else (1, 0).
@@ -410,8 +481,9 @@ class ImageDataModule(pl.LightningDataModule):
             return 1, 0
         return kwargs["num_replicas"], kwargs["rank"]
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled by a :class:`ResumableSampler` (order = f(seed, epoch), per-rank shards, mid-epoch resume)."""
+    def train_dataloader(self) -> DataLoader | DeviceBatchLoader:
+        """Shuffled by a :class:`ResumableSampler` (order = f(seed, epoch), per-rank shards, mid-epoch resume),
+        cut on the device (:class:`DeviceBatchLoader`) or by a :class:`ResumableDataLoader`."""
         dataset = self.train_set
         if dataset is not None and self.sample_augment is not None:
             dataset = AugmentedDataset(dataset, self.sample_augment)

@@ -53,3 +53,19 @@ def test_random_ranges_stay_within_keras_bounds():
 def test_bad_arguments(bad):
     with pytest.raises(ValueError):
         BatchAugment(**bad)
+
+
+def test_random_crop_is_a_whole_pixel_shift_with_zero_fill():
+    import torch.nn.functional as F
+
+    from datamodules.augment import random_crop
+
+    x = torch.rand(64, 3, 8, 8) + 1
+    out = random_crop(x, 2, torch.Generator().manual_seed(0))
+    draws = torch.Generator().manual_seed(0)  # the same draws: x offsets, then y offsets, in [0, 4]
+    dx, dy = torch.randint(0, 5, (64,), generator=draws), torch.randint(0, 5, (64,), generator=draws)
+    padded = F.pad(x, (2, 2, 2, 2))
+    for i in range(64):
+        assert torch.equal(out[i], padded[i, :, dy[i] : dy[i] + 8, dx[i] : dx[i] + 8])
+    assert len(set(zip(dx.tolist(), dy.tolist(), strict=True))) > 15  # many different shifts in one batch
+    assert (out == 0).any() and BatchAugment(crop_padding=2).active and not BatchAugment(crop_padding=2).warps

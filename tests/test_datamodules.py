@@ -157,3 +157,70 @@ def test_digits_look_like_mnist():
 def test_bad_val_size_is_reported(mnist_dir):
     with pytest.raises(ValueError, match="val_size"):
         MNISTDataModule(data_dir=str(mnist_dir), val_size=10_000).setup("fit")
+
+
+# ---- the device-resident training path -----------------------------------------------------------------------------
+
+
+def _sampler_and_set(world: int, rank: int, epoch: int):
+    from datamodules.base import InMemoryImageDataset, ResumableSampler
+
+    images = torch.randint(0, 256, (103, 1, 4, 4), dtype=torch.uint8)
+    dataset = InMemoryImageDataset(images, torch.arange(103) % 10)
+    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, seed=7)
+    sampler.set_epoch(epoch)
+    return dataset, sampler
+
+
+@pytest.mark.parametrize("world,rank", [(1, 0), (2, 1), (3, 2)])
+def test_device_loader_yields_the_dataloader_batches(world, rank):
+    from datamodules.base import DeviceBatchLoader, ResumableDataLoader, collate_batch
+
+    dataset, sampler = _sampler_and_set(world, rank, epoch=3)
+    reference = ResumableDataLoader(dataset, batch_size=8, sampler=sampler, collate_fn=collate_batch)
+    device_loader = DeviceBatchLoader(dataset, 8, sampler)
+    expected, got = list(reference), list(device_loader)
+    assert len(got) == len(device_loader) == len(reference)
+    for (x, y), (ex, ey) in zip(got, expected, strict=True):
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+    # Part-way through an epoch both loaders report the same resumable position.
+    for loader in (reference, device_loader):
+        iterator = iter(loader)
+        next(iterator), next(iterator)
+    assert device_loader.state_dict() == {k: v for k, v in reference.state_dict().items() if k != "generator"}
+
+
+def test_device_loader_resumes_mid_epoch_and_copies_once():
+    from datamodules.base import DeviceBatchLoader
+
+    dataset, sampler = _sampler_and_set(1, 0, epoch=1)
+    loader = DeviceBatchLoader(dataset, 10, sampler)
+    full = list(loader)
+    iterator = iter(loader)
+    for _ in range(4):
+        next(iterator)
+    state = loader.state_dict()
+    assert state["position"] == 40
+    _, fresh_sampler = _sampler_and_set(1, 0, epoch=0)
+    resumed = DeviceBatchLoader(dataset, 10, fresh_sampler)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert len(rest) == len(full) - 4 and all(torch.equal(a[0], b[0]) for a, b in zip(rest, full[4:], strict=True))
+    resident = loader.resident(torch.device("cpu"))[0]
+    list(loader)
+    assert loader.resident(torch.device("cpu"))[0] is resident  # moved to the device once, not per epoch
+
+
+def test_datamodule_picks_the_device_path_when_it_can(mnist_dir):
+    from datamodules.augment import SampleAugment
+    from datamodules.base import DeviceBatchLoader, ResumableDataLoader
+
+    def loader(**kwargs):
+        dm = MNISTDataModule(data_dir=str(mnist_dir), val_size=64, **kwargs)
+        dm.setup("fit")
+        return dm.train_dataloader()
+
+    assert isinstance(loader(), DeviceBatchLoader)
+    assert isinstance(loader(device_resident=False), ResumableDataLoader)
+    assert isinstance(loader(num_workers=1), ResumableDataLoader)
+    assert isinstance(loader(sample_augment=SampleAugment("book")), ResumableDataLoader)
