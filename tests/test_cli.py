@@ -17,7 +17,9 @@ from train import main
 from lightning_modules import MLPClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENTS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not {"logger", "sweeps"} & set(p.parts))
+# Snippets appended to an experiment's config, W&B sweeps and results presets are not experiments themselves.
+SNIPPETS = {"logger", "sweeps", "trainer", "results"}
+EXPERIMENTS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not SNIPPETS & set(p.parts))
 MNIST_TOPICS = sorted((ROOT / "configs" / "mnist").glob("*.yaml"))
 CIFAR_BOOK = sorted(p for p in (ROOT / "configs" / "cifar10").glob("*.yaml") if not p.stem.startswith("transfer"))
 
@@ -202,3 +204,19 @@ def test_cifar10_book_configs_fast_dev_run(config, tmp_path, monkeypatch):
                 "--data.init_args.batch_size", "4", "--trainer.fast_dev_run", "1"])  # fmt: skip
     assert cli.trainer.state.finished
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+
+
+def test_speed_switches(mnist_dir):
+    configs = ["-c", str(ROOT / "configs/mnist/cnn.yaml"), "-c", str(ROOT / "configs/trainer/gpu_fast.yaml")]
+    cli = main(configs, run=False)
+    assert cli.trainer.precision == "bf16-mixed" and torch.backends.cudnn.benchmark
+    assert cli.config.compile and cli.config.float32_matmul_precision == "high"
+
+    cli = main(["fit", "-c", str(ROOT / "configs/mnist/cnn.yaml"), "--data.init_args.data_dir", str(mnist_dir),
+                "--data.init_args.val_size", "64", "--data.init_args.channels_last", "true",
+                "--compile", "true", "--compile_backend", "eager", "--trainer.fast_dev_run", "2"])  # fmt: skip
+    assert isinstance(cli.model, torch._dynamo.eval_frame.OptimizedModule) and cli.trainer.state.finished
+    conv = next(m for m in cli.model._orig_mod.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    torch.set_float32_matmul_precision("highest")
