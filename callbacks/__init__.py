@@ -7,16 +7,19 @@ Every callback is safe under DDP: files and images are written by global rank ze
 from callbacks.activations import ActivationMaps
 from callbacks.batch_scaling import GlobalBatchSize
 from callbacks.checkpointing import AtomicCheckpointIO, ResumeState
+from callbacks.confusion import ConfusionMatrix
 from callbacks.ema import SmoothedCurves
 from callbacks.filters import FilterPatterns, filter_patterns
 from callbacks.gradcam import GradCAM, grad_cam
 from callbacks.images import run_dir, save_and_log_figure
 from callbacks.lr import EpochLRSchedule, ReduceLROnPlateau
 from callbacks.slurm import SafeRequeue
+from callbacks.trend_stopping import TrendDivergenceStopping
 
 __all__ = [
     "ActivationMaps",
     "AtomicCheckpointIO",
+    "ConfusionMatrix",
     "EpochLRSchedule",
     "FilterPatterns",
     "GlobalBatchSize",
@@ -25,6 +28,7 @@ __all__ = [
     "ResumeState",
     "SafeRequeue",
     "SmoothedCurves",
+    "TrendDivergenceStopping",
     "filter_patterns",
     "grad_cam",
     "run_dir",

@@ -7,11 +7,13 @@ from datamodules.image_folder import ImageFolderDataModule
 from datamodules.imdb import IMDBDataModule
 from datamodules.mnist import MNISTDataModule
 from datamodules.omniglot import OmniglotDataModule
+from datamodules.tabular import DiabetesDataModule
 
 __all__ = [
     "CIFAR10DataModule",
     "CorruptDataError",
     "DataNotFoundError",
+    "DiabetesDataModule",
     "DigitsDataModule",
     "IMDBDataModule",
     "ImageDataModule",

@@ -1,6 +1,7 @@
 """One LightningModule per topic of the notes, on a shared classification base."""
 
 from lightning_modules.base import ClassificationModule
+from lightning_modules.baseline import BaselineModule
 from lightning_modules.cnn import CNNClassifier
 from lightning_modules.densenet import DenseNetClassifier
 from lightning_modules.few_shot import NearestNeighbourBaseline, ProtoNet
@@ -12,6 +13,7 @@ from lightning_modules.transfer import TransferClassifier
 from lightning_modules.y_network import YNetworkClassifier
 
 __all__ = [
+    "BaselineModule",
     "CNNClassifier",
     "ClassificationModule",
     "DenseNetClassifier",
