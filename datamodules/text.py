@@ -57,11 +57,16 @@ def tokenize(
     IMDB reviews hold ``<br />`` line breaks (and a few other tags); they are removed, not read as words.
     """
     if strip_html:
-        text = _HTML_TAG.sub(" ", _HTML_BREAK.sub(" ", text))
+        text = remove_html(text)
     if lowercase:
         text = text.lower()
     tokens = _TOKEN.findall(text)
     return [t for t in tokens if t not in stop] if stop else tokens
+
+
+def remove_html(text: str) -> str:
+    """``<br />`` line breaks and other short HTML tags replaced by spaces."""
+    return _HTML_TAG.sub(" ", _HTML_BREAK.sub(" ", text))
 
 
 def read_text_file(path: Path) -> str:

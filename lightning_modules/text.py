@@ -337,6 +337,15 @@ class SequenceClassifier(ClassificationModule):
             pool_size,
             self.out_features,
         )
+        steps = self.input_shape[0]
+        for i, _ in enumerate(conv_filters):  # 'valid' convs and pools shorten the sequence
+            steps = (steps // pool_size if i else steps) - conv_kernel_size + 1
+        if steps < 1:
+            raise ValueError(
+                f"input_shape={list(input_shape)}: {len(conv_filters)} Conv1D layers of kernel {conv_kernel_size} with "
+                f"max pooling {pool_size} between them need longer sequences. Raise maxlen (data and input_shape) "
+                "or use fewer/smaller convolutions."
+            )
         self.example_input_array = torch.zeros(2, *self.input_shape, dtype=torch.long)
         self.init_weights()
         if self.hparams.init == "keras":

