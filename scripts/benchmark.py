@@ -1,7 +1,10 @@
-"""Seconds per MNIST epoch of our MLP experiment against a plain PyTorch loop and a per-sample pipeline.
+"""Our experiments against plain PyTorch loops and per-sample pipelines, side by side, as Markdown tables.
 
-    python scripts/benchmark.py                 # 3 alternating repetitions, Markdown table of medians
+    python scripts/benchmark.py                 # both suites, 3 alternating repetitions, tables of medians
+    python scripts/benchmark.py --suite cifar   # one suite (mnist | cifar)
     python scripts/benchmark.py --quick         # tiny data, one repetition: checks that it runs (CI)
+
+**MNIST suite** (seconds per epoch).
 
 Every pipeline trains the book MLP (784-256-256-10, dropout .45, Adam) for ``--epochs`` epochs on 55,000 training
 and 5,000 validation images at batch 128 and reports the duration of its last epoch (training + validation), so
@@ -16,6 +19,18 @@ alternate within each repetition so drifts of the machine hit all of them alike.
 
 The data are random ``uint8`` images in MNIST's shape (speed does not depend on the pixels), written as IDX files
 for the template; no download is needed.
+
+**CIFAR-10 suite** (training images per second, ResNet20 v1, batch 32, the book's shift + flip augmentation).
+Each pipeline trains ``--steps`` timed steps after a few warm-up steps, each in a fresh process:
+
+- ``plain``: a hand-written loop with the same network, loss, L2 penalty, Adam and ``BatchAugment`` over a ``uint8``
+  tensor in memory (per-pixel mean subtraction per batch).
+- ``template``: ``configs/cifar10/resnet20_v1.yaml`` through the CLI (fake CIFAR-10 pickles in torchvision's
+  layout): every callback of the recipe, logging, metrics and checkpointing.
+- ``loader``: the template's training data path alone (batches + normalisation + augmentation, no model), the
+  ceiling the data path puts on training speed.
+- ``loader_albumentations``: the same with the per-sample albumentations path (``SampleAugment("book")``, in the
+  main process) instead of the batch augmentation.
 """
 
 from __future__ import annotations
@@ -35,7 +50,10 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = ("plain", "template", "per_sample")
+CIFAR_PIPELINES = ("plain", "template", "loader", "loader_albumentations")
 BATCH = 128
+CIFAR_BATCH = 32
+CIFAR_WARMUP = 5
 
 
 def make_data(n_train: int, n_test: int, directory: Path) -> Path:
@@ -155,45 +173,167 @@ def run_template(data_dir: Path, val_size: int, epochs: int) -> float:
     return timer.seconds[-1]
 
 
-def child(pipeline: str, data_dir: Path, val_size: int, epochs: int) -> None:
+# ---- CIFAR-10 suite -------------------------------------------------------------------------------------------------
+
+
+def make_cifar(n_train: int, directory: Path) -> Path:
+    """Random CIFAR-10-shaped data as torchvision's pickles under ``directory/cifar-10-batches-py``."""
+    import pickle
+
+    folder = directory / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    per_batch = n_train // 5
+    for name, n in [*((f"data_batch_{i}", per_batch) for i in range(1, 6)), ("test_batch", 100)]:
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": data, "labels": rng.integers(0, 10, n).tolist()}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+    return directory
+
+
+def _no_md5() -> None:
+    """The random pickles cannot match CIFAR-10's md5 sums: check that the files exist, not their hashes."""
+    import os
+
+    from torchvision.datasets import cifar
+
+    cifar.check_integrity = lambda path, md5=None: os.path.isfile(path)
+
+
+def cifar_datamodule(data_dir: Path, sample_augment: bool = False):
+    from datamodules import CIFAR10DataModule
+    from datamodules.augment import BatchAugment, SampleAugment
+
+    _no_md5()
+    book = BatchAugment(width_shift_range=0.1, height_shift_range=0.1, horizontal_flip=True)
+    dm = CIFAR10DataModule(
+        data_dir=str(data_dir),
+        val_size=100,
+        batch_size=CIFAR_BATCH,
+        normalize="per_pixel_mean",
+        augment=None if sample_augment else book,
+        sample_augment=SampleAugment("book") if sample_augment else None,
+    )
+    dm.setup("fit")
+    return dm
+
+
+def cifar_plain(data_dir: Path, steps: int) -> float:
+    from datamodules.augment import BatchAugment
+    from lightning_modules.resnet import ResNetClassifier
+
+    images, labels = cifar_datamodule(data_dir).load_split("train")
+    mean = images.double().mean(0).float() / 255
+    model = ResNetClassifier(version=1, depth=20, l2=1e-4, num_classes=10, input_shape=(3, 32, 32))
+    net = model.net.train()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, eps=1e-7)
+    augment = BatchAugment(width_shift_range=0.1, height_shift_range=0.1, horizontal_flip=True)
+    loss_fn = nn.CrossEntropyLoss()
+    perm = torch.randperm(len(images))
+    start = 0.0
+    for step in range(CIFAR_WARMUP + steps):
+        if step == CIFAR_WARMUP:
+            start = time.perf_counter()
+        idx = perm[(step * CIFAR_BATCH) % len(perm) :][:CIFAR_BATCH]
+        x = augment(images[idx].float() / 255 - mean)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(net(x), labels[idx]) + model.regularization_loss()
+        loss.backward()
+        optimizer.step()
+    return steps * CIFAR_BATCH / (time.perf_counter() - start)
+
+
+def cifar_template(data_dir: Path, steps: int) -> float:
+    from pytorch_lightning.callbacks import Callback
+    from train import main
+
+    _no_md5()
+
+    class StepTimer(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == CIFAR_WARMUP:
+                self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.end = time.perf_counter()
+
+    cli = main(
+        ["-c", str(ROOT / "configs/cifar10/resnet20_v1.yaml"), "--data.init_args.data_dir", str(data_dir),
+         "--data.init_args.val_size", "100", "--trainer.max_epochs", "1",
+         "--trainer.limit_train_batches", str(CIFAR_WARMUP + steps), "--trainer.limit_val_batches", "0",
+         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"],
+        run=False,
+    )  # fmt: skip
+    timer = StepTimer()
+    cli.trainer.callbacks.append(timer)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return steps * CIFAR_BATCH / (timer.end - timer.start)
+
+
+def cifar_loader(data_dir: Path, steps: int, sample_augment: bool = False) -> float:
+    """The template's training data path without a model: ``train_dataloader`` + ``on_after_batch_transfer``."""
+    from unittest import mock
+
+    dm = cifar_datamodule(data_dir, sample_augment)
+    dm.trainer = mock.Mock(training=True, strategy=mock.Mock(root_device=torch.device("cpu")))
+    dm.trainer._accelerator_connector.use_distributed_sampler = False
+    batches = iter(dm.train_dataloader())
+    count, start = 0, 0.0
+    for step in range(CIFAR_WARMUP + steps):
+        if step == CIFAR_WARMUP:
+            start = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(dm.train_dataloader())
+            batch = next(batches)
+        x, _ = dm.on_after_batch_transfer(batch, 0)
+        count += len(x) if step >= CIFAR_WARMUP else 0
+    return count / (time.perf_counter() - start)
+
+
+CIFAR_RUNS = {
+    "plain": cifar_plain,
+    "template": cifar_template,
+    "loader": cifar_loader,
+    "loader_albumentations": lambda data_dir, steps: cifar_loader(data_dir, steps, sample_augment=True),
+}
+
+
+def child(suite: str, pipeline: str, data_dir: Path, val_size: int, epochs: int, steps: int) -> None:
     sys.path.insert(0, str(ROOT / "scripts"))
-    run = {"plain": run_plain, "template": run_template, "per_sample": run_per_sample}[pipeline]
-    print(json.dumps({"pipeline": pipeline, "seconds": run(data_dir, val_size, epochs)}))
-
-
-def measure(pipeline: str, data_dir: Path, val_size: int, epochs: int) -> float:
-    """One fresh process; it runs in ``data_dir``, so the template's ``runs/`` folder is thrown away with it."""
-    command = [sys.executable, __file__, "--child", pipeline, "--data-dir", str(data_dir)]
-    command += ["--val-size", str(val_size), "--epochs", str(epochs)]
-    out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=data_dir).stdout
-    return json.loads(out.strip().splitlines()[-1])["seconds"]
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=3, help="alternating repetitions per pipeline")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs per run; the last one is timed")
-    parser.add_argument("--quick", action="store_true", help="tiny data, one repetition: only checks it runs")
-    parser.add_argument("--child", choices=PIPELINES, help=argparse.SUPPRESS)
-    parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--val-size", type=int, default=5000, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        child(args.child, args.data_dir, args.val_size, args.epochs)
+    if suite == "cifar":
+        print(json.dumps({"pipeline": pipeline, "value": CIFAR_RUNS[pipeline](data_dir, steps)}))
         return
+    run = {"plain": run_plain, "template": run_template, "per_sample": run_per_sample}[pipeline]
+    print(json.dumps({"pipeline": pipeline, "value": run(data_dir, val_size, epochs)}))
 
-    n_train, val_size, reps, epochs = (60_000, 5_000, args.reps, args.epochs)
-    if args.quick:
-        n_train, val_size, reps, epochs = (1_024, 256, 1, 1)
-    times: dict[str, list[float]] = {p: [] for p in PIPELINES}
+
+def measure(suite: str, pipeline: str, data_dir: Path, val_size: int, epochs: int, steps: int) -> float:
+    """One fresh process; it runs in ``data_dir``, so the template's ``runs/`` folder is thrown away with it."""
+    command = [sys.executable, __file__, "--suite", suite, "--child", pipeline, "--data-dir", str(data_dir)]
+    command += ["--val-size", str(val_size), "--epochs", str(epochs), "--steps", str(steps)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=data_dir).stdout
+    return json.loads(out.strip().splitlines()[-1])["value"]
+
+
+def alternate(suite: str, pipelines: tuple[str, ...], reps: int, **kwargs) -> dict[str, float]:
+    """Median of ``reps`` measurements per pipeline; the pipelines alternate within each repetition."""
+    values: dict[str, list[float]] = {p: [] for p in pipelines}
+    for rep in range(reps):
+        for pipeline in pipelines:
+            values[pipeline].append(measure(suite, pipeline, **kwargs))
+            print(f"{suite} rep {rep + 1}/{reps} {pipeline}: {values[pipeline][-1]:.3f}", file=sys.stderr)
+    return {p: statistics.median(v) for p, v in values.items()}
+
+
+def mnist_suite(quick: bool, reps: int, epochs: int) -> None:
+    n_train, val_size = (1_024, 256) if quick else (60_000, 5_000)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = make_data(n_train, 256, Path(tmp))
-        for rep in range(reps):
-            for pipeline in PIPELINES:
-                times[pipeline].append(measure(pipeline, data_dir, val_size, epochs))
-                print(f"rep {rep + 1}/{reps} {pipeline}: {times[pipeline][-1]:.3f} s", file=sys.stderr)
-
-    medians = {p: statistics.median(t) for p, t in times.items()}
+        medians = alternate("mnist", PIPELINES, reps, data_dir=data_dir, val_size=val_size, epochs=epochs, steps=0)
     print(
         f"\nMNIST MLP, {n_train - val_size} train + {val_size} val images, batch {BATCH}, median of {reps} fresh "
         f"processes, last of {epochs} epoch(s), torch threads {torch.get_num_threads()}\n"
@@ -202,6 +342,42 @@ def main() -> None:
     for pipeline in PIPELINES:
         print(f"| {pipeline} | {medians[pipeline]:.3f} | {medians[pipeline] / medians['plain']:.2f} |")
     print(f"\nper_sample / template: {medians['per_sample'] / medians['template']:.2f}x")
+
+
+def cifar_suite(quick: bool, reps: int, steps: int) -> None:
+    n_train = 1_000 if quick else 10_000
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = make_cifar(n_train, Path(tmp))
+        medians = alternate("cifar", CIFAR_PIPELINES, reps, data_dir=data_dir, val_size=100, epochs=1, steps=steps)
+    print(
+        f"\nCIFAR-10 ResNet20 v1 training, batch {CIFAR_BATCH}, book augmentation (shift 0.1 + flip), {steps} timed "
+        f"steps after {CIFAR_WARMUP} warm-up steps, median of {reps} fresh processes, torch threads "
+        f"{torch.get_num_threads()}\n"
+    )
+    print("| pipeline | images / s | vs plain loop |\n| --- | --- | --- |")
+    for pipeline in CIFAR_PIPELINES:
+        print(f"| {pipeline} | {medians[pipeline]:.0f} | {medians[pipeline] / medians['plain']:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", choices=("all", "mnist", "cifar"), default="all", help="which table(s) to measure")
+    parser.add_argument("--reps", type=int, default=3, help="alternating repetitions per pipeline")
+    parser.add_argument("--epochs", type=int, default=2, help="MNIST: epochs per run; the last one is timed")
+    parser.add_argument("--steps", type=int, default=40, help="CIFAR-10: timed training steps per run")
+    parser.add_argument("--quick", action="store_true", help="tiny data, one repetition: only checks it runs")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--val-size", type=int, default=5000, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.suite, args.child, args.data_dir, args.val_size, args.epochs, args.steps)
+        return
+    reps, epochs, steps = (1, 1, 2) if args.quick else (args.reps, args.epochs, args.steps)
+    if args.suite in ("all", "mnist"):
+        mnist_suite(args.quick, reps, epochs)
+    if args.suite in ("all", "cifar"):
+        cifar_suite(args.quick, reps, steps)
 
 
 if __name__ == "__main__":

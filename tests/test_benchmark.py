@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_benchmark_quick_mode_prints_the_table():
+def test_benchmark_quick_mode_prints_both_tables():
     runs = ROOT / "runs" / "mnist_mlp"
     before = sorted(runs.iterdir()) if runs.exists() else []
     result = subprocess.run(
@@ -17,9 +17,12 @@ def test_benchmark_quick_mode_prints_the_table():
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
-    assert [row.split("|")[1].strip() for row in rows[2:]] == ["plain", "template", "per_sample"]
-    for row in rows[2:]:
-        seconds = float(row.split("|")[2])
-        assert seconds > 0
+    tables = result.stdout.split("\n\n")
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    names = [row.split("|")[1].strip() for row in rows]
+    assert names == ["pipeline", "plain", "template", "per_sample", "pipeline", "plain", "template", "loader",
+                     "loader_albumentations"], tables  # fmt: skip
+    for row in rows:
+        if not row.startswith("| pipeline"):
+            assert float(row.split("|")[2]) > 0 and float(row.split("|")[3]) > 0
     assert (sorted(runs.iterdir()) if runs.exists() else []) == before  # run folders stay in the temp dir
