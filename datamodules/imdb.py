@@ -20,6 +20,7 @@ changing an option (or the files) rebuilds it and a second run starts at once. C
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -164,6 +165,7 @@ class IMDBDataModule(pl.LightningDataModule):
         self._vocabulary: Vocabulary | None = None
         self._encoded: dict[str, Tensor] = {}  # split -> (N, L) encoded with the current vocabulary
         self._vocab_written = False
+        self._data_fingerprint: str | None = None
 
     # ---- files -----------------------------------------------------------------------------------------
     @property
@@ -179,17 +181,24 @@ class IMDBDataModule(pl.LightningDataModule):
 
     def files(self, split: str) -> list[tuple[Path, int]]:
         """``(path, label)`` of every review of ``split``, negatives first, sorted by name (a fixed order)."""
-        missing = [lab for lab in LABELS if not (self.root / split / lab).is_dir()]
+        return [(path, label) for path, label, _ in self._listing(split)]
+
+    def _listing(self, split: str) -> list[tuple[Path, int, int]]:
+        """``(path, label, size in bytes)`` of every review of ``split`` (one ``scandir`` per folder: fast)."""
+        root = self.root
+        missing = [lab for lab in LABELS if not (root / split / lab).is_dir()]
         if missing:
             raise DataNotFoundError(
-                f"IMDB {split} reviews are missing: {', '.join(str(self.root / split / m) for m in missing)} "
+                f"IMDB {split} reviews are missing: {', '.join(str(root / split / m) for m in missing)} "
                 f"not found. {self._where_to_put_it()}"
             )
-        return [
-            (path, label)
-            for label, name in enumerate(LABELS)
-            for path in sorted((self.root / split / name).glob("*.txt"))
-        ]
+        listing = []
+        for label, name in enumerate(LABELS):
+            folder = root / split / name
+            with os.scandir(folder) as entries:
+                found = sorted((e.name, e.stat().st_size) for e in entries if e.name.endswith(".txt"))
+            listing += [(folder / file, label, size) for file, size in found]
+        return listing
 
     def _where_to_put_it(self) -> str:
         return (
@@ -200,6 +209,8 @@ class IMDBDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Download and extract the archive when absent; tokenise once and write the cache (rank zero)."""
+        if self._predicting_file():
+            return  # sentences from a file need only the checkpoint's vocabulary, not the dataset
         if self._missing():
             self._download()
         if self.hparams.cache and not self.cache_path().is_file():
@@ -236,9 +247,12 @@ class IMDBDataModule(pl.LightningDataModule):
         }
 
     def _fingerprint(self) -> str:
-        """A hash of every review's name and size: re-extracted or edited data invalidates the cache."""
-        listing = [(str(p.relative_to(self.root)), p.stat().st_size) for s in SPLITS for p, _ in self.files(s)]
-        return options_hash({"files": listing})
+        """A hash of every review's name and size: re-extracted or edited data invalidates the cache. Computed
+        once per datamodule (prepare_data and setup both need it)."""
+        if self._data_fingerprint is None:
+            listing = [(f"{s}/{p.parent.name}/{p.name}", size) for s in SPLITS for p, _, size in self._listing(s)]
+            self._data_fingerprint = options_hash({"files": listing})
+        return self._data_fingerprint
 
     @property
     def sentences(self) -> bool:
@@ -319,8 +333,7 @@ class IMDBDataModule(pl.LightningDataModule):
         if self.sentences:
             raise RuntimeError("representation='sentence_embedding' has no vocabulary: the encoder has its own.")
         if self._vocabulary is None:
-            if self.corpus is None or self.train_idx is None:
-                raise RuntimeError("IMDBDataModule.setup() has not run: the vocabulary comes from the train split")
+            self._read_corpus()
             train = self.corpus["splits"]["train"]
             doc_in_train = torch.zeros(len(train["lengths"]), dtype=torch.bool)
             doc_in_train[self.train_idx] = True
@@ -378,7 +391,16 @@ class IMDBDataModule(pl.LightningDataModule):
         return x.long()
 
     # ---- Lightning hooks -----------------------------------------------------------------------------
+    def _predicting_file(self) -> bool:
+        trainer = self.trainer
+        return self.hparams.predict_file is not None and trainer is not None and trainer.predicting
+
     def setup(self, stage: str) -> None:
+        if stage == "predict" and self._predicting_file():
+            return  # the corpus is read later only if no checkpoint brings a vocabulary (see ``vocabulary``)
+        self._read_corpus()
+
+    def _read_corpus(self) -> None:
         if self.corpus is None:
             self.corpus = self._load_corpus()
             n_train = len(self.corpus["splits"]["train"]["labels"])
