@@ -27,7 +27,7 @@ def test_reads_pickles_in_nchw(tmp_path):
     dm.setup("fit")
     dm.setup("test")
     assert len(dm.train_set) == 90 and len(dm.val_set) == 10 and len(dm.test_set) == 30
-    x, y = next(iter(dm.train_dataloader()))
+    x, y = next(iter(dm.val_dataloader()))
     assert x.shape == (8, 3, 32, 32) and x.dtype == torch.uint8 and y.dtype == torch.long
     # NCHW from the pickles' channel-major rows: the first 1024 bytes of a row are the red plane.
     with open(root / "cifar-10-batches-py" / "test_batch", "rb") as f:

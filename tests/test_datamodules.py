@@ -15,12 +15,12 @@ from datamodules.base import channel_stats
 
 
 def test_mnist_reads_raw_layout(mnist_dir):
-    dm = MNISTDataModule(data_dir=str(mnist_dir), val_size=56, batch_size=32)
+    dm = MNISTDataModule(data_dir=str(mnist_dir), val_size=56, batch_size=32)  # val batches: raw uint8 slices
     dm.prepare_data()  # files present: must not try to download
     dm.setup("fit")
     dm.setup("test")
     assert len(dm.train_set) == 200 and len(dm.val_set) == 56 and len(dm.test_set) == 64
-    x, y = next(iter(dm.train_dataloader()))
+    x, y = next(iter(dm.val_dataloader()))
     assert x.shape == (32, 1, 28, 28) and x.dtype == torch.uint8
     assert y.dtype == torch.int64 and y.min() >= 0 and y.max() <= 9
     x, y = dm.on_after_batch_transfer((x, y), 0)
@@ -190,7 +190,7 @@ def test_device_loader_yields_the_dataloader_batches(world, rank):
     assert device_loader.state_dict() == {k: v for k, v in reference.state_dict().items() if k != "generator"}
 
 
-def test_device_loader_resumes_mid_epoch_and_copies_once():
+def test_device_loader_resumes_mid_epoch():
     from datamodules.base import DeviceBatchLoader
 
     dataset, sampler = _sampler_and_set(1, 0, epoch=1)
@@ -206,9 +206,27 @@ def test_device_loader_resumes_mid_epoch_and_copies_once():
     resumed.load_state_dict(state)
     rest = list(resumed)
     assert len(rest) == len(full) - 4 and all(torch.equal(a[0], b[0]) for a, b in zip(rest, full[4:], strict=True))
-    resident = loader.resident(torch.device("cpu"))[0]
+
+
+def test_resident_training_set_is_normalised_once(mnist_dir, monkeypatch):
+    dm = MNISTDataModule(data_dir=str(mnist_dir), val_size=64, batch_size=50, normalize="standardize")
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    x, y = next(iter(loader))
+    assert x.dtype == torch.float32  # normalised on the device already, once for the whole set
+    index = torch.tensor(list(iter(loader.sampler))[:50])
+    assert torch.allclose(x, dm.normalize_images(dm.train_set.images[index]))
+    assert torch.equal(y, dm.train_set.targets[index])
+    resident = dm._resident_train_set()[0]
     list(loader)
-    assert loader.resident(torch.device("cpu"))[0] is resident  # moved to the device once, not per epoch
+    assert dm._resident_train_set()[0] is resident  # not rebuilt per epoch
+    out, _ = dm.on_after_batch_transfer((x, y), 0)
+    assert out is x  # no second normalisation
+    dm.set_stats(dm.mean + 1, dm.std)  # e.g. restored from a checkpoint: the cache follows the statistics
+    assert dm._resident_train_set()[0] is not resident
+    monkeypatch.setattr(MNISTDataModule, "normalized_cache_bytes", 0)  # too big for a float copy: stays uint8
+    dm.set_stats(dm.mean, dm.std)
+    assert dm._resident_train_set()[0].dtype == torch.uint8
 
 
 def test_datamodule_picks_the_device_path_when_it_can(mnist_dir):
