@@ -284,6 +284,56 @@ class DeviceBatchLoader(ResumablePosition):
         return self._counted(self._batches())
 
 
+def trainer_shard(trainer: pl.Trainer | None) -> tuple[int, int]:
+    """(world size, global rank) for a training sampler: Lightning's values under DDP, else (1, 0).
+
+    With ``Trainer(use_distributed_sampler=False)`` every rank gets the whole epoch, as Lightning would do.
+    """
+    kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
+    if not kwargs or not trainer._accelerator_connector.use_distributed_sampler:
+        return 1, 0
+    return kwargs["num_replicas"], kwargs["rank"]
+
+
+def training_sampler(dataset: Dataset, trainer: pl.Trainer | None) -> ResumableSampler:
+    """The training order of every datamodule: seeded by the run's seed, sharded over the trainer's ranks."""
+    num_replicas, rank = trainer_shard(trainer)
+    return ResumableSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=training_seed())
+
+
+def slicing_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    train: bool,
+    trainer: pl.Trainer | None = None,
+    num_workers: int = 0,
+    pin_memory: bool = True,
+    sampler: ResumableSampler | None = None,
+) -> DataLoader:
+    """The datamodules' loader recipe for datasets with ``__getitems__`` (a batch is one slice, no collate).
+
+    Training loaders are :class:`ResumableDataLoader` over ``sampler`` (default :func:`training_sampler`: order =
+    f(seed, epoch), per-rank shards, mid-epoch resume); evaluation loaders keep the dataset order unless a
+    ``sampler`` is given. Every loader draws its workers' base seed from its own generator, never from the global
+    RNG: creating a loader iterator must not shift the dropout masks (a resumed run creates its iterators at
+    other times).
+    """
+    if train and sampler is None:
+        sampler = training_sampler(dataset, trainer)
+    loader_class = ResumableDataLoader if sampler is not None else DataLoader
+    return loader_class(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_batch,
+        pin_memory=pin_memory and torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(training_seed()),
+    )
+
+
 def channel_stats(images: Tensor) -> tuple[Tensor, Tensor]:
     """Exact per-channel mean and std (in pixel units) of ``uint8`` images, from a 256-bin histogram.
 
@@ -441,25 +491,17 @@ class ImageDataModule(pl.LightningDataModule):
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not run for this stage")
         batch_size = self.hparams.batch_size if train else self.hparams.eval_batch_size or self.hparams.batch_size
-        workers = self.hparams.num_workers
-        # Every loader draws its workers' base seed from its own generator, never from the global RNG: creating
-        # a loader iterator must not shift the dropout masks (a resumed run creates its iterators at other times).
-        loader_class, sampler, seed = DataLoader, None, training_seed()
-        if train:
-            num_replicas, rank = self._shard()
-            sampler = ResumableSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-            loader_class = ResumableDataLoader
-            if self.hparams.device_resident and workers == 0 and isinstance(dataset, InMemoryImageDataset):
-                return DeviceBatchLoader(dataset, batch_size, sampler, resident=self._resident_train_set)
-        return loader_class(
+        device_path = self.hparams.device_resident and self.hparams.num_workers == 0
+        if train and device_path and isinstance(dataset, InMemoryImageDataset):
+            sampler = training_sampler(dataset, self.trainer)
+            return DeviceBatchLoader(dataset, batch_size, sampler, resident=self._resident_train_set)
+        return slicing_loader(
             dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            num_workers=workers,
-            collate_fn=collate_batch,
-            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
-            persistent_workers=workers > 0,
-            generator=torch.Generator().manual_seed(seed),
+            batch_size,
+            train=train,
+            trainer=self.trainer,
+            num_workers=self.hparams.num_workers,
+            pin_memory=self.hparams.pin_memory,
         )
 
     def _device(self) -> torch.device:
@@ -480,17 +522,6 @@ class ImageDataModule(pl.LightningDataModule):
                 images = torch.cat([self.normalize_images(chunk) for chunk in images.split(4096)])
             self._resident = (dataset, images, targets)
         return self._resident[1:]
-
-    def _shard(self) -> tuple[int, int]:
-        """(world size, global rank) for the training sampler: Lightning's values under DDP, else (1, 0).
-
-        With ``Trainer(use_distributed_sampler=False)`` every rank gets the whole epoch, as Lightning would do.
-        """
-        trainer = self.trainer
-        kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
-        if not kwargs or not trainer._accelerator_connector.use_distributed_sampler:
-            return 1, 0
-        return kwargs["num_replicas"], kwargs["rank"]
 
     def train_dataloader(self) -> DataLoader | DeviceBatchLoader:
         """Shuffled by a :class:`ResumableSampler` (order = f(seed, epoch), per-rank shards, mid-epoch resume),

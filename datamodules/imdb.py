@@ -31,15 +31,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from datamodules.base import (
-    DataNotFoundError,
-    ResumableDataLoader,
-    ResumableSampler,
-    collate_batch,
-    default_data_dir,
-    split_indices,
-    training_seed,
-)
+from datamodules.base import DataNotFoundError, default_data_dir, slicing_loader, split_indices
 from datamodules.text import (
     OOV,
     TOKENIZER_VERSION,
@@ -411,33 +403,17 @@ class IMDBDataModule(pl.LightningDataModule):
         return TokenDataset(inputs, labels) if rows is None else TokenDataset(inputs[rows], labels[rows])
 
     def _loader(self, dataset: TokenDataset, train: bool) -> DataLoader:
-        """The image datamodules' loader recipe: batches cut by slicing, and for training a
-        :class:`~datamodules.base.ResumableSampler` (order = f(seed, epoch), DDP shards, mid-epoch resume)."""
+        """The image datamodules' loader recipe (:func:`~datamodules.base.slicing_loader`): batches cut by slicing,
+        and for training a :class:`~datamodules.base.ResumableSampler` (DDP shards, mid-epoch resume)."""
         batch_size = self.hparams.batch_size if train else self.hparams.eval_batch_size or self.hparams.batch_size
-        workers, seed = self.hparams.num_workers, training_seed()
-        loader_class, sampler = DataLoader, None
-        if train:
-            num_replicas, rank = self._shard()
-            sampler = ResumableSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-            loader_class = ResumableDataLoader
-        return loader_class(
+        return slicing_loader(
             dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            num_workers=workers,
-            collate_fn=collate_batch,
-            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
-            persistent_workers=workers > 0,
-            generator=torch.Generator().manual_seed(seed),  # never the global RNG (see ImageDataModule._loader)
+            batch_size,
+            train=train,
+            trainer=self.trainer,
+            num_workers=self.hparams.num_workers,
+            pin_memory=self.hparams.pin_memory,
         )
-
-    def _shard(self) -> tuple[int, int]:
-        """(world size, global rank) of the training sampler under DDP, else (1, 0)."""
-        trainer = self.trainer
-        kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
-        if not kwargs or not trainer._accelerator_connector.use_distributed_sampler:
-            return 1, 0
-        return kwargs["num_replicas"], kwargs["rank"]
 
     def train_dataloader(self) -> DataLoader:
         self._write_vocabulary()
