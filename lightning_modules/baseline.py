@@ -69,6 +69,14 @@ class BaselineModule(ClassificationModule):
             self.sums += torch.bincount(y.reshape(-1).long(), minlength=len(self.sums))[: len(self.sums)].double()
 
     def on_train_epoch_end(self) -> None:
+        self._fit_from_all_ranks()
+
+    def on_validation_epoch_start(self) -> None:
+        # Lightning validates before on_train_epoch_end: fit now, so the epoch's val metrics are the baseline's.
+        if self.trainer.training and self.sums.sum() > 0:
+            self._fit_from_all_ranks()
+
+    def _fit_from_all_ranks(self) -> None:
         sums = self.trainer.strategy.reduce(self.sums.clone(), reduce_op="sum")  # every rank saw its shard
         self.fit_constant(sums)
 

@@ -59,7 +59,7 @@ def hardware() -> str:
         count = torch.cuda.device_count()
         return f"{count} x {torch.cuda.get_device_name(0)}" if count > 1 else torch.cuda.get_device_name(0)
     cpu = platform.processor() or platform.machine()
-    return f"CPU ({cpu}, {os.cpu_count()} threads, torch {torch.get_num_threads()})"
+    return f"CPU ({cpu}, {os.cpu_count()} cores)"
 
 
 def load_preset(path: str | Path) -> dict[str, Any]:

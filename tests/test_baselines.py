@@ -61,6 +61,9 @@ def test_mean_predictor_and_its_mae(tmp_path):
     trainer.fit(model, datamodule=data)
     mean = data.train_set.targets.mean()
     assert float(model.constant) == pytest.approx(float(mean), rel=1e-5)
+    # Validation (which Lightning runs before the epoch-end hook) already scores the fitted mean.
+    val_mae = float((data.val_set.targets - mean).abs().mean())
+    assert float(trainer.callback_metrics["val/mae"]) == pytest.approx(val_mae, rel=1e-4)
     (result,) = trainer.test(model, datamodule=data, verbose=False)
     assert result["test/mae"] == pytest.approx(float((data.test_set.targets - mean).abs().mean()), rel=1e-4)
 
