@@ -73,7 +73,7 @@ class BaselineModule(ClassificationModule):
 
     def on_validation_epoch_start(self) -> None:
         # Lightning validates before on_train_epoch_end: fit now, so the epoch's val metrics are the baseline's.
-        if self.trainer.training and self.sums.sum() > 0:
+        if self.trainer.state.fn == "fit" and self.sums.sum() > 0:
             self._fit_from_all_ranks()
 
     def _fit_from_all_ranks(self) -> None:
