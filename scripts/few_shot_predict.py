@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from callbacks.checkpointing import read_checkpoint
+from callbacks.checkpointing import CheckpointError, read_checkpoint
 from datamodules.omniglot import load_image
 from lightning_modules.few_shot import FewShotModule, NearestNeighbourBaseline, ProtoNet
 
@@ -113,4 +113,7 @@ def main(args: list[str] | None = None) -> list[tuple[str, str, float]]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CheckpointError as error:  # a damaged or unsafe checkpoint: the message says what to do
+        raise SystemExit(f"error: {error}") from None
