@@ -17,7 +17,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
-from torchmetrics import MeanAbsoluteError, MetricCollection
+from torchmetrics import MeanAbsoluteError, MeanMetric, MetricCollection
 from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
 from lightning_modules.layers import InitName, keras_init_
@@ -102,6 +102,8 @@ class ClassificationModule(pl.LightningModule):
         self.scheduler_factory = lr_scheduler
         self.example_input_array = torch.zeros(2, *self.input_shape)
         self.train_metrics = self._make_metrics("train")
+        self.train_loss = MeanMetric()  # batch-size weighted mean of the epoch's training loss
+        self._train_logged_epoch: int | None = None
         self.val_metrics = self._make_metrics("val")
         self.test_metrics = self._make_metrics("test")
         if loss == "balanced_ce":  # a buffer only then: checkpoints of the other losses keep their exact keys
@@ -212,18 +214,21 @@ class ClassificationModule(pl.LightningModule):
         logits = self(x)
         loss = self.compute_loss(logits, y)
         batch_size = len(x)
-        self.log(
-            f"{stage}/loss",
-            loss,
-            on_step=False,
-            on_epoch=True,
-            prog_bar=True,
-            sync_dist=True,
-            batch_size=batch_size,
-        )
         metrics = getattr(self, f"{stage}_metrics")
         metrics.update(*self._metric_inputs(logits.detach(), y))
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=batch_size)
+        if stage == "train":
+            # Per step only the metric states are updated; Lightning's self.log costs more than a small model's
+            # step. Logged once per epoch, the metric objects are computed (synced across ranks) and reset by
+            # Lightning at the epoch's end, over every batch of the epoch.
+            self.train_loss.update(loss.detach(), batch_size)
+            if self._train_logged_epoch != self.current_epoch:
+                self._train_logged_epoch = self.current_epoch
+                self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
+                self.log_dict(metrics, on_step=False, on_epoch=True)
+        else:
+            log = dict(on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
+            self.log(f"{stage}/loss", loss, sync_dist=True, **log)
+            self.log_dict(metrics, **log)
         if stage == "train" and (self.hparams.l1 or self.hparams.l2):
             penalty = self.regularization_loss()
             self.log("train/penalty", penalty, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch_size)
