@@ -1,5 +1,6 @@
-"""Callbacks of the template: learning-rate control, smoothed curves, convnet visualisation (activation maps,
-filter patterns, Grad-CAM), image logging, checkpoint safety and resumable runs.
+"""Callbacks of the template: learning-rate control, smoothed curves, trend-based stopping, convnet visualisation
+(activation maps, filter patterns, Grad-CAM), confusion matrices, generative-model pictures and scores, image
+logging, checkpoint safety and resumable runs.
 
 Every callback is safe under DDP: files and images are written by global rank zero only.
 """
@@ -10,6 +11,7 @@ from callbacks.checkpointing import AtomicCheckpointIO, ResumeState
 from callbacks.confusion import ConfusionMatrix
 from callbacks.ema import SmoothedCurves
 from callbacks.filters import FilterPatterns, filter_patterns
+from callbacks.generative import ConditionalAccuracy, GANSamples, LatentSpace, PredictionGrid, ReconstructionGrid
 from callbacks.gradcam import GradCAM, grad_cam
 from callbacks.images import run_dir, save_and_log_figure
 from callbacks.lr import EpochLRSchedule, ReduceLROnPlateau
@@ -19,11 +21,16 @@ from callbacks.trend_stopping import TrendDivergenceStopping
 __all__ = [
     "ActivationMaps",
     "AtomicCheckpointIO",
+    "ConditionalAccuracy",
     "ConfusionMatrix",
     "EpochLRSchedule",
     "FilterPatterns",
+    "GANSamples",
     "GlobalBatchSize",
     "GradCAM",
+    "LatentSpace",
+    "PredictionGrid",
+    "ReconstructionGrid",
     "ReduceLROnPlateau",
     "ResumeState",
     "SafeRequeue",

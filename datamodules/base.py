@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +40,23 @@ class CorruptDataError(ValueError):
 def default_data_dir() -> str:
     """``$DATA_DIR`` when set (clusters point every job at one shared copy), else ``./data``."""
     return os.environ.get("DATA_DIR", "data")
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename: readers never see half a file.
+
+    The datamodules' caches (decoded images, token ids) are written this way by one process per node in
+    ``prepare_data``; the other ranks read them in ``setup``.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class InMemoryImageDataset(Dataset):

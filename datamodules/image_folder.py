@@ -10,8 +10,6 @@ the file list and the decoding options, so a second run (and every DDP rank) loa
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
@@ -22,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from datamodules.base import CorruptDataError, DataNotFoundError, ImageDataModule
+from datamodules.base import CorruptDataError, DataNotFoundError, ImageDataModule, atomic_save
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 CACHE_VERSION = 1
@@ -175,10 +173,7 @@ class ImageFolderDataModule(ImageDataModule):
             rank_zero_info(f"Decoding {len(paths)} images of {self.split_dir(split)} at {self.dims[1:]} ...")
             images = self.decode(paths)
             try:
-                self.cache_dir.mkdir(parents=True, exist_ok=True)
-                with tempfile.NamedTemporaryFile(dir=self.cache_dir, suffix=".tmp", delete=False) as tmp:
-                    torch.save(images, tmp)
-                os.replace(tmp.name, target)  # atomic: a reader never sees half a file
+                atomic_save(images, target)
             except OSError as err:
                 rank_zero_warn(f"cannot write the decoded-image cache in {self.cache_dir} ({err}); decoding each run")
 

@@ -31,13 +31,12 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from datamodules.base import DataNotFoundError, default_data_dir, slicing_loader, split_indices
+from datamodules.base import DataNotFoundError, atomic_save, default_data_dir, slicing_loader, split_indices
 from datamodules.text import (
     OOV,
     TOKENIZER_VERSION,
     TokenDataset,
     Vocabulary,
-    atomic_save,
     multi_hot,
     options_hash,
     read_text_file,

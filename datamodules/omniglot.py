@@ -22,8 +22,6 @@ resumed in mid-epoch continues with the episodes it had not seen (the sampler is
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +38,11 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.base import (
     CorruptDataError,
     DataNotFoundError,
-    ResumableDataLoader,
     ResumableSampler,
-    collate_batch,
+    atomic_save,
     default_data_dir,
+    slicing_loader,
+    trainer_shard,
     training_seed,
 )
 
@@ -166,19 +165,6 @@ def cache_key(characters: list[tuple[str, list[Path]]], image_size: int, invert:
     return digest.hexdigest()[:16]
 
 
-def _write_atomically(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _read_cache(path: Path) -> CharacterImages | None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -211,7 +197,7 @@ def load_tree(
             "counts": decoded.counts,
         }
         try:
-            _write_atomically(state, path)
+            atomic_save(state, path)
         except OSError as err:  # e.g. a read-only shared dataset folder: run without the cache
             rank_zero_warn(f"Cannot write the Omniglot cache {path} ({err}); set cache_dir to a writable folder.")
     return decoded
@@ -541,30 +527,20 @@ class OmniglotDataModule(pl.LightningDataModule):
         if "test" in tables:
             self.test_set = self._episodes(tables["test"], "test")
 
-    def _shard(self) -> tuple[int, int]:
-        """(world size, global rank) under DDP with Lightning's distributed sampling, else (1, 0)."""
-        trainer = self.trainer
-        kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
-        if not kwargs or not trainer._accelerator_connector.use_distributed_sampler:
-            return 1, 0
-        return kwargs["num_replicas"], kwargs["rank"]
-
     def _loader(self, dataset: EpisodeDataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not run for this stage")
-        num_replicas, rank = self._shard()
+        num_replicas, rank = trainer_shard(self.trainer)
         seed = training_seed() if train else self.hparams.seed
         sampler = EpisodeSampler(dataset, vary_with_epoch=train, num_replicas=num_replicas, rank=rank, seed=seed)
-        workers = self.hparams.num_workers
-        return ResumableDataLoader(
+        return slicing_loader(
             dataset,
-            batch_size=1,  # one key, one episode: __getitems__ returns the whole episode
+            1,  # one key, one episode: __getitems__ returns the whole episode
+            train=train,
+            trainer=self.trainer,
+            num_workers=self.hparams.num_workers,
+            pin_memory=self.hparams.pin_memory,
             sampler=sampler,
-            num_workers=workers,
-            collate_fn=collate_batch,
-            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
-            persistent_workers=workers > 0,
-            generator=torch.Generator().manual_seed(seed),
         )
 
     def train_dataloader(self) -> DataLoader:

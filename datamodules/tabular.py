@@ -20,7 +20,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.base import ResumableDataLoader, ResumableSampler, collate_batch, split_indices, training_seed
+from datamodules.base import slicing_loader, split_indices
 
 
 class TensorRows(Dataset):
@@ -114,24 +114,7 @@ class DiabetesDataModule(pl.LightningDataModule):
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not run for this stage")
-        seed = training_seed()
-        kwargs: dict[str, Any] = dict(batch_size=self.hparams.batch_size, collate_fn=collate_batch)
-        kwargs["generator"] = torch.Generator().manual_seed(seed)
-        if not train:
-            return DataLoader(dataset, **kwargs)
-        replicas, rank = 1, 0
-        trainer = self.trainer
-        if (
-            trainer is not None
-            and trainer.distributed_sampler_kwargs
-            and trainer._accelerator_connector.use_distributed_sampler
-        ):
-            replicas, rank = (
-                trainer.distributed_sampler_kwargs["num_replicas"],
-                trainer.distributed_sampler_kwargs["rank"],
-            )
-        sampler = ResumableSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=seed)
-        return ResumableDataLoader(dataset, sampler=sampler, **kwargs)
+        return slicing_loader(dataset, self.hparams.batch_size, train=train, trainer=self.trainer)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

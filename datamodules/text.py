@@ -9,7 +9,7 @@ validation, test and new sentences. The pieces here are small functions so that 
   out-of-vocabulary word (Keras ``oov_token``), words take indices ``2 .. num_words - 1``;
 - :func:`pad_pre` pads and truncates at the front like Keras ``pad_sequences`` (the last ``maxlen`` tokens stay);
 - :func:`multi_hot` is the book's ``vectorize_sequences``;
-- :func:`options_hash` and :func:`atomic_save` key a tokenised cache by its options and write it safely.
+- :func:`options_hash` keys a tokenised cache by its options (written with ``datamodules.base.atomic_save``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,19 +85,6 @@ def read_text_file(path: Path) -> str:
 def options_hash(options: dict[str, Any]) -> str:
     """A short stable hash of JSON-able ``options`` (key order does not matter)."""
     return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass

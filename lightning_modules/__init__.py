@@ -1,10 +1,12 @@
-"""One LightningModule per topic of the notes, on a shared classification base."""
+"""One LightningModule per topic of the notes; the supervised ones share a classification base."""
 
+from lightning_modules.autoencoder import AutoEncoder
 from lightning_modules.base import ClassificationModule
 from lightning_modules.baseline import BaselineModule
 from lightning_modules.cnn import CNNClassifier
 from lightning_modules.densenet import DenseNetClassifier
 from lightning_modules.few_shot import NearestNeighbourBaseline, ProtoNet
+from lightning_modules.gan import GAN
 from lightning_modules.mlp import MLPClassifier
 from lightning_modules.resnet import ResNetClassifier
 from lightning_modules.rnn import RNNClassifier
@@ -13,6 +15,8 @@ from lightning_modules.transfer import TransferClassifier
 from lightning_modules.y_network import YNetworkClassifier
 
 __all__ = [
+    "GAN",
+    "AutoEncoder",
     "BaselineModule",
     "CNNClassifier",
     "ClassificationModule",

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_modules.base import check_input_shape, optimizers_from_factories
 from lightning_modules.layers import Conv2dSame, InitName, keras_batch_norm, keras_init_
 
 AETask = Literal["reconstruct", "denoise", "colorize"]
@@ -302,14 +302,7 @@ class AutoEncoder(pl.LightningModule):
         return self(self.model_input(images)[0])
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        config = {"scheduler": scheduler, "interval": "epoch"}
-        if isinstance(scheduler, ReduceLROnPlateau):
-            config["monitor"] = "val/loss"
-        return {"optimizer": optimizer, "lr_scheduler": config}
+        return optimizers_from_factories(self.optimizer_factory, self.scheduler_factory, self.parameters())
 
     # ---- input checks --------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -324,12 +317,7 @@ def check_image_datamodule(module: pl.LightningModule, input_shape: tuple, num_c
     if datamodule is None:
         return
     name, model = type(datamodule).__name__, type(module).__name__
-    dims = getattr(datamodule, "dims", None)
-    if dims is not None and tuple(dims) != tuple(input_shape):
-        raise ValueError(
-            f"{name} yields images of shape {tuple(dims)} but {model} was built for input_shape="
-            f"{tuple(input_shape)}. Set --model.init_args.input_shape '{list(dims)}'."
-        )
+    check_input_shape(datamodule, input_shape)
     normalize = getattr(datamodule, "hparams", {}).get("normalize")
     if normalize not in (None, "scale"):
         raise ValueError(

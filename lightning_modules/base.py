@@ -34,6 +34,35 @@ def warn_if_narrow(widths: Sequence[int], num_classes: int, where: str) -> None:
         )
 
 
+def optimizers_from_factories(
+    optimizer_factory: OptimizerCallable,
+    scheduler_factory: LRSchedulerCallable | None,
+    parameters: Iterator[nn.Parameter],
+):
+    """``configure_optimizers``' return value from the config's optimiser and optional scheduler factories.
+
+    Schedulers step once per epoch; ``ReduceLROnPlateau`` monitors ``val/loss``.
+    """
+    optimizer = optimizer_factory(parameters)
+    if scheduler_factory is None:
+        return optimizer
+    scheduler = scheduler_factory(optimizer)
+    config = {"scheduler": scheduler, "interval": "epoch"}
+    if isinstance(scheduler, ReduceLROnPlateau):
+        config["monitor"] = "val/loss"
+    return {"optimizer": optimizer, "lr_scheduler": config}
+
+
+def check_input_shape(datamodule: pl.LightningDataModule, input_shape: Sequence[int], hint: str = "") -> None:
+    """One clear error when the datamodule's ``dims`` differ from the model's ``input_shape``."""
+    dims = getattr(datamodule, "dims", None)
+    if dims is not None and tuple(dims) != tuple(input_shape):
+        raise ValueError(
+            f"{type(datamodule).__name__} yields inputs of shape {tuple(dims)} but the model was built for "
+            f"input_shape={tuple(input_shape)}. Set --model.init_args.input_shape '{list(dims)}'{hint}."
+        )
+
+
 class ClassificationModule(pl.LightningModule):
     """Supervised base module. Subclasses set ``self.net`` after calling ``super().__init__``.
 
@@ -254,14 +283,8 @@ class ClassificationModule(pl.LightningModule):
 
     # ---- optimisation --------------------------------------------------------------------------------
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(p for p in self.parameters() if p.requires_grad)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        config = {"scheduler": scheduler, "interval": "epoch"}
-        if isinstance(scheduler, ReduceLROnPlateau):
-            config["monitor"] = "val/loss"
-        return {"optimizer": optimizer, "lr_scheduler": config}
+        parameters = (p for p in self.parameters() if p.requires_grad)
+        return optimizers_from_factories(self.optimizer_factory, self.scheduler_factory, parameters)
 
     # ---- input checks --------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -273,13 +296,7 @@ class ClassificationModule(pl.LightningModule):
             counts = training_class_counts(datamodule, self._num_loss_classes)
             self.loss_class_weights.copy_(balanced_class_weights(counts).to(self.loss_class_weights))
         name = type(datamodule).__name__
-        dims = getattr(datamodule, "dims", None)
-        if dims is not None and tuple(dims) != self.input_shape:
-            raise ValueError(
-                f"{name} yields inputs of shape {tuple(dims)} but the model was built for input_shape="
-                f"{self.input_shape}. Set --model.init_args.input_shape '{list(dims)}' (or pick a datamodule "
-                "that matches the model)."
-            )
+        check_input_shape(datamodule, self.input_shape, " (or pick a datamodule that matches the model)")
         data_classes = getattr(datamodule, "num_classes", None)
         if self.task == "multiclass" and data_classes is not None and data_classes != self.num_classes:
             raise ValueError(

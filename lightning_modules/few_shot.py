@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+from lightning_modules.base import check_input_shape, optimizers_from_factories
 
 Episode = dict[str, Tensor]
 
@@ -186,13 +187,7 @@ class FewShotModule(pl.LightningModule):
         if datamodule is None:
             return
         name = type(datamodule).__name__
-        dims = getattr(datamodule, "dims", None)
-        if dims is not None and tuple(dims) != self.input_shape:
-            raise ValueError(
-                f"{name} yields images of shape {tuple(dims)} but the model was built for input_shape="
-                f"{self.input_shape}. Set --model.init_args.input_shape '{list(dims)}' (or change the datamodule's "
-                "image_size)."
-            )
+        check_input_shape(datamodule, self.input_shape, " (or change the datamodule's image_size)")
         data_way = getattr(datamodule, "num_classes", None)
         if stage == "fit" and data_way is not None and data_way != self.num_classes:
             raise ValueError(
@@ -253,14 +248,8 @@ class ProtoNet(FewShotModule):
         return loss
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(p for p in self.parameters() if p.requires_grad)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        config = {"scheduler": scheduler, "interval": "epoch"}
-        if isinstance(scheduler, ReduceLROnPlateau):
-            config["monitor"] = "val/loss"
-        return {"optimizer": optimizer, "lr_scheduler": config}
+        parameters = (p for p in self.parameters() if p.requires_grad)
+        return optimizers_from_factories(self.optimizer_factory, self.scheduler_factory, parameters)
 
 
 class NearestNeighbourBaseline(FewShotModule):
