@@ -12,6 +12,8 @@ start-up, imports and one-off decoding are excluded. Each measurement runs in a 
 alternate within each repetition so drifts of the machine hit all of them alike.
 
 - ``plain``: a hand-written loop over pre-normalised float tensors already in memory (the floor).
+- ``lightning_minimal``: the same model, data and validation in a minimal LightningModule run by a bare
+  ``Trainer`` (no metric objects, logging, callbacks or checkpoints): Lightning's own per-step cost.
 - ``template``: ``configs/mnist/mlp.yaml`` through the CLI, i.e. the real experiment: MNISTDataModule reading IDX
   files, torchmetrics, CSV + TensorBoard logging, checkpointing, early stopping and EMA curves (progress bar off).
 - ``per_sample``: the common torchvision path: uint8 array -> PIL image -> ToTensor -> Normalize per sample, default
@@ -49,7 +51,7 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINES = ("plain", "template", "per_sample")
+PIPELINES = ("plain", "lightning_minimal", "template", "per_sample")
 CIFAR_PIPELINES = ("plain", "template", "loader", "loader_albumentations")
 BATCH = 128
 CIFAR_BATCH = 32
@@ -148,18 +150,73 @@ def run_per_sample(data_dir: Path, val_size: int, epochs: int) -> float:
     return plain_epochs(batches, len(train), val_x, torch.tensor(val.labels), epochs)
 
 
+class EpochTimer:
+    """A Lightning callback (built lazily: Lightning is imported in the child only) timing each training epoch."""
+
+    @staticmethod
+    def make():
+        from pytorch_lightning.callbacks import Callback
+
+        class _Timer(Callback):
+            def __init__(self) -> None:
+                self.seconds: list[float] = []
+
+            def on_train_epoch_start(self, trainer, pl_module):
+                self.start = time.perf_counter()
+
+            def on_train_epoch_end(self, trainer, pl_module):  # Lightning 2: after the epoch's validation
+                self.seconds.append(time.perf_counter() - self.start)
+
+        return _Timer()
+
+
+def run_lightning_minimal(data_dir: Path, val_size: int, epochs: int) -> float:
+    """Lightning's floor: the plain loop's model, data and validation in a minimal LightningModule (no metrics
+    objects, no logging, no callbacks, no checkpoints)."""
+    import pytorch_lightning as pl
+
+    x_train, y_train, x_val, y_val = load_split(data_dir, val_size)
+    x_train, x_val = x_train.float() / 255, x_val.float() / 255
+
+    class Batches:
+        def __init__(self, x, y, shuffle):
+            self.x, self.y, self.shuffle = x, y, shuffle
+
+        def __len__(self):
+            return -(-len(self.x) // BATCH)
+
+        def __iter__(self):
+            order = torch.randperm(len(self.x)) if self.shuffle else torch.arange(len(self.x))
+            for i in range(0, len(self.x), BATCH):
+                yield self.x[order[i : i + BATCH]], self.y[order[i : i + BATCH]]
+
+    class Minimal(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = book_mlp()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            return (self.net(x).argmax(1) == y).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3, eps=1e-7)
+
+    timer = EpochTimer.make()
+    trainer = pl.Trainer(
+        max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[timer], num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(Minimal(), Batches(x_train, y_train, True), Batches(x_val, y_val, False))
+    return timer.seconds[-1]
+
+
 def run_template(data_dir: Path, val_size: int, epochs: int) -> float:
-    from pytorch_lightning.callbacks import Callback
     from train import main
-
-    class EpochTimer(Callback):
-        seconds: list[float] = []
-
-        def on_train_epoch_start(self, trainer, pl_module):
-            self.start = time.perf_counter()
-
-        def on_train_epoch_end(self, trainer, pl_module):  # Lightning 2: after the epoch's validation
-            self.seconds.append(time.perf_counter() - self.start)
 
     cli = main(
         ["-c", str(ROOT / "configs/mnist/mlp.yaml"), "--data.init_args.data_dir", str(data_dir),
@@ -167,7 +224,7 @@ def run_template(data_dir: Path, val_size: int, epochs: int) -> float:
          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"],
         run=False,
     )  # fmt: skip
-    timer = EpochTimer()
+    timer = EpochTimer.make()
     cli.trainer.callbacks.append(timer)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return timer.seconds[-1]
@@ -307,7 +364,8 @@ def child(suite: str, pipeline: str, data_dir: Path, val_size: int, epochs: int,
     if suite == "cifar":
         print(json.dumps({"pipeline": pipeline, "value": CIFAR_RUNS[pipeline](data_dir, steps)}))
         return
-    run = {"plain": run_plain, "template": run_template, "per_sample": run_per_sample}[pipeline]
+    runs = {"plain": run_plain, "lightning_minimal": run_lightning_minimal, "template": run_template}
+    run = {**runs, "per_sample": run_per_sample}[pipeline]
     print(json.dumps({"pipeline": pipeline, "value": run(data_dir, val_size, epochs)}))
 
 
