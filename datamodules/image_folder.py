@@ -128,8 +128,10 @@ class ImageFolderDataModule(ImageDataModule):
                 f"with the classes of {self.split_dir(self.hparams.train_split)} ({', '.join(self.classes)}); "
                 "create it, or point train_split/val_split/test_split at the folders you have."
             )
-        unknown = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in self.classes)
-        if unknown and not unknown[0].startswith("."):
+        unknown = sorted(
+            p.name for p in folder.iterdir() if p.is_dir() and p.name not in self.classes and not p.name.startswith(".")
+        )
+        if unknown:
             raise CorruptDataError(
                 f"{folder} has class folders {unknown} that the training split lacks ({', '.join(self.classes)}). "
                 "Labels come from the training split's folder names: add those classes to it or remove them here."
