@@ -162,7 +162,7 @@ class ImageFolderDataModule(ImageDataModule):
     def decode(self, paths: list[Path]) -> Tensor:
         size, channels = self.dims[1:], self.dims[0]
         with ThreadPoolExecutor(max(1, self.hparams.decode_workers)) as pool:
-            arrays = list(pool.map(lambda p: decode_image(p, size, channels), paths, chunksize=64))
+            arrays = list(pool.map(lambda p: decode_image(p, size, channels), paths))
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
     def prepare_data(self) -> None:

@@ -150,24 +150,21 @@ def run_per_sample(data_dir: Path, val_size: int, epochs: int) -> float:
     return plain_epochs(batches, len(train), val_x, torch.tensor(val.labels), epochs)
 
 
-class EpochTimer:
-    """A Lightning callback (built lazily: Lightning is imported in the child only) timing each training epoch."""
+def epoch_timer():
+    """A Lightning callback timing each training epoch (built here: Lightning is imported in the child only)."""
+    from pytorch_lightning.callbacks import Callback
 
-    @staticmethod
-    def make():
-        from pytorch_lightning.callbacks import Callback
+    class EpochTimer(Callback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
 
-        class _Timer(Callback):
-            def __init__(self) -> None:
-                self.seconds: list[float] = []
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.start = time.perf_counter()
 
-            def on_train_epoch_start(self, trainer, pl_module):
-                self.start = time.perf_counter()
+        def on_train_epoch_end(self, trainer, pl_module):  # Lightning 2: after the epoch's validation
+            self.seconds.append(time.perf_counter() - self.start)
 
-            def on_train_epoch_end(self, trainer, pl_module):  # Lightning 2: after the epoch's validation
-                self.seconds.append(time.perf_counter() - self.start)
-
-        return _Timer()
+    return EpochTimer()
 
 
 def run_lightning_minimal(data_dir: Path, val_size: int, epochs: int) -> float:
@@ -206,7 +203,7 @@ def run_lightning_minimal(data_dir: Path, val_size: int, epochs: int) -> float:
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=1e-3, eps=1e-7)
 
-    timer = EpochTimer.make()
+    timer = epoch_timer()
     trainer = pl.Trainer(
         max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[timer], num_sanity_val_steps=0,
@@ -224,7 +221,7 @@ def run_template(data_dir: Path, val_size: int, epochs: int) -> float:
          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"],
         run=False,
     )  # fmt: skip
-    timer = EpochTimer.make()
+    timer = epoch_timer()
     cli.trainer.callbacks.append(timer)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return timer.seconds[-1]
