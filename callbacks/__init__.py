@@ -1,6 +1,6 @@
 """Callbacks of the template: learning-rate control, smoothed curves, trend-based stopping, convnet visualisation
 (activation maps, filter patterns, Grad-CAM), confusion matrices, generative-model pictures and scores, image
-logging, checkpoint safety and resumable runs.
+logging, checkpoint safety and resumable runs, and a profiler that costs nothing when none is asked for.
 
 Every callback is safe under DDP: files and images are written by global rank zero only.
 """
@@ -15,6 +15,7 @@ from callbacks.generative import ConditionalAccuracy, GANSamples, LatentSpace, P
 from callbacks.gradcam import GradCAM, grad_cam
 from callbacks.images import run_dir, save_and_log_figure
 from callbacks.lr import EpochLRSchedule, ReduceLROnPlateau
+from callbacks.profiler import NullProfiler
 from callbacks.slurm import SafeRequeue
 from callbacks.trend_stopping import TrendDivergenceStopping
 
@@ -29,6 +30,7 @@ __all__ = [
     "GlobalBatchSize",
     "GradCAM",
     "LatentSpace",
+    "NullProfiler",
     "PredictionGrid",
     "ReconstructionGrid",
     "ReduceLROnPlateau",

@@ -28,7 +28,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_modules.base import check_input_shape, optimizers_from_factories
+from lightning_modules.base import TemplateModule, check_input_shape, optimizers_from_factories
 from lightning_modules.layers import Conv2dSame, InitName, keras_batch_norm, keras_init_
 
 AETask = Literal["reconstruct", "denoise", "colorize"]
@@ -133,7 +133,7 @@ def classifier_head(latent_dim: int, hidden: Sequence[int], dropout: float, num_
     return nn.Sequential(*layers, nn.Linear(width, num_classes))
 
 
-class AutoEncoder(pl.LightningModule):
+class AutoEncoder(TemplateModule):
     """Convolutional autoencoder with reconstruction, denoising and colorization tasks and an optional classifier.
 
     Args:

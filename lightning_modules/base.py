@@ -17,7 +17,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
-from torchmetrics import MeanAbsoluteError, MeanMetric, MetricCollection
+from torchmetrics import MeanAbsoluteError, Metric, MetricCollection
 from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
 from lightning_modules.layers import InitName, keras_init_
@@ -63,7 +63,48 @@ def check_input_shape(datamodule: pl.LightningDataModule, input_shape: Sequence[
         )
 
 
-class ClassificationModule(pl.LightningModule):
+class TemplateModule(pl.LightningModule):
+    """``pl.LightningModule`` with a cheap update of the name of the hook being run; every module's base.
+
+    Lightning sets ``self._current_fx_name`` twice around every hook it calls (about 50 times per training
+    step). ``nn.Module.__setattr__`` checks each value against parameters, buffers and submodules, through the
+    Python-level ``isinstance`` hooks of ``Parameter`` and ``Buffer``: about 13 Python calls per assignment. A
+    hook name (a string or None) is never one of those, so it goes straight into ``__dict__``, where
+    ``nn.Module.__setattr__`` would have put it too.
+    """
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+
+class EpochMean(Metric):
+    """Batch-size weighted mean of a per-batch scalar (a loss) over an epoch, summed across ranks in ``compute``.
+
+    torchmetrics' ``MeanMetric`` inspects every update for NaN (``isnan(x).any()``: a host-device sync per step on
+    a GPU) and drops the NaN values, so a diverging run would show a finite mean; here an update is two adds on the
+    device and a NaN loss shows as NaN.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("weight", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, value: Tensor, weight: int) -> None:
+        # Out of place: a state reset under inference mode (validation) must stay updatable in training.
+        self.total = self.total + value.detach() * weight
+        self.weight = self.weight + weight
+
+    def compute(self) -> Tensor:
+        return self.total / self.weight
+
+
+class ClassificationModule(TemplateModule):
     """Supervised base module. Subclasses set ``self.net`` after calling ``super().__init__``.
 
     Args:
@@ -130,11 +171,12 @@ class ClassificationModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.example_input_array = torch.zeros(2, *self.input_shape)
-        self.train_metrics = self._make_metrics("train")
-        self.train_loss = MeanMetric()  # batch-size weighted mean of the epoch's training loss
+        # Per stage: metric objects and the batch-size weighted mean loss, updated every step and logged once per
+        # epoch (see _step).
+        self.train_metrics, self.train_loss = self._make_metrics("train"), EpochMean()
+        self.val_metrics, self.val_loss = self._make_metrics("val"), EpochMean()
+        self.test_metrics, self.test_loss = self._make_metrics("test"), EpochMean()
         self._train_logged_epoch: int | None = None
-        self.val_metrics = self._make_metrics("val")
-        self.test_metrics = self._make_metrics("test")
         if loss == "balanced_ce":  # a buffer only then: checkpoints of the other losses keep their exact keys
             weights = torch.ones(self._num_loss_classes) if class_weights is None else torch.tensor(class_weights)
             self.register_buffer("loss_class_weights", weights.float())
@@ -183,13 +225,16 @@ class ClassificationModule(pl.LightningModule):
         return self.num_classes if self.task == "multiclass" else 1
 
     def _make_metrics(self, stage: str) -> MetricCollection:
+        # validate_args=False: torchmetrics' checks of the targets (``unique``) would sync the GPU every step; the
+        # loss, computed first on the same targets, already rejects labels outside [0, num_classes).
         if self.task == "multiclass":
-            metrics = {"acc": MulticlassAccuracy(self.num_classes, average="micro")}
+            metrics = {"acc": MulticlassAccuracy(self.num_classes, average="micro", validate_args=False)}
             k = self.hparams.top_k
             if stage != "train" and self.num_classes > k:
-                metrics[f"top{k}_err"] = 1 - MulticlassAccuracy(self.num_classes, top_k=k, average="micro")
+                top_k = MulticlassAccuracy(self.num_classes, top_k=k, average="micro", validate_args=False)
+                metrics[f"top{k}_err"] = 1 - top_k
         elif self.task == "binary":
-            metrics = {"acc": BinaryAccuracy()}
+            metrics = {"acc": BinaryAccuracy(validate_args=False)}
         else:
             metrics = {"mae": MeanAbsoluteError()}
         return MetricCollection(metrics, prefix=f"{stage}/", compute_groups=False)
@@ -242,27 +287,33 @@ class ClassificationModule(pl.LightningModule):
         x, y = batch
         logits = self(x)
         loss = self.compute_loss(logits, y)
-        batch_size = len(x)
-        metrics = getattr(self, f"{stage}_metrics")
-        metrics.update(*self._metric_inputs(logits.detach(), y))
-        if stage == "train":
-            # Per step only the metric states are updated; Lightning's self.log costs more than a small model's
-            # step. Logged once per epoch, the metric objects are computed (synced across ranks) and reset by
-            # Lightning at the epoch's end, over every batch of the epoch.
-            self.train_loss.update(loss.detach(), batch_size)
-            if self._train_logged_epoch != self.current_epoch:
-                self._train_logged_epoch = self.current_epoch
-                self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
-                self.log_dict(metrics, on_step=False, on_epoch=True)
-        else:
-            log = dict(on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
-            self.log(f"{stage}/loss", loss, sync_dist=True, **log)
-            self.log_dict(metrics, **log)
+        getattr(self, f"{stage}_metrics").update(*self._metric_inputs(logits.detach(), y))
+        getattr(self, f"{stage}_loss").update(loss, len(x))
+        if stage == "train" and self._train_logged_epoch != self.current_epoch:
+            self._train_logged_epoch = self.current_epoch
+            self._log_epoch("train")
         if stage == "train" and (self.hparams.l1 or self.hparams.l2):
             penalty = self.regularization_loss()
-            self.log("train/penalty", penalty, on_step=False, on_epoch=True, sync_dist=True, batch_size=batch_size)
+            self.log("train/penalty", penalty, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(x))
             loss = loss + penalty
         return loss
+
+    def _log_epoch(self, stage: str) -> None:
+        """Log the stage's metric objects once; Lightning computes them (synced across ranks by torchmetrics) and
+        resets them at the epoch's end, over every batch of the epoch.
+
+        Only the metric states are updated per step: Lightning's ``self.log`` costs more than a small model's
+        step. Training logs at its first step (the values appear when the training epoch ends), validation and
+        test in their epoch-end hooks.
+        """
+        self.log(f"{stage}/loss", getattr(self, f"{stage}_loss"), on_step=False, on_epoch=True, prog_bar=True)
+        self.log_dict(getattr(self, f"{stage}_metrics"), on_step=False, on_epoch=True, prog_bar=stage != "train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "train")

@@ -23,13 +23,12 @@ import math
 from collections.abc import Sequence
 from typing import Literal
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lightning_modules.base import check_input_shape, optimizers_from_factories
+from lightning_modules.base import TemplateModule, check_input_shape, optimizers_from_factories
 
 Episode = dict[str, Tensor]
 
@@ -102,7 +101,7 @@ def unique_episodes(episodes: Tensor, *values: Tensor) -> tuple[Tensor, ...]:
 # ---- modules -----------------------------------------------------------------------------------------------------
 
 
-class FewShotModule(pl.LightningModule):
+class FewShotModule(TemplateModule):
     """Base of the episodic modules: a subclass implements :meth:`logits` (query scores per episode class).
 
     Batches are episodes (see :class:`datamodules.omniglot.EpisodeDataset`): ``support``, ``support_labels``,

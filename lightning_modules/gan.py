@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.cli import OptimizerCallable
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_modules.autoencoder import ConvTranspose2dSame, check_image_datamodule
+from lightning_modules.base import TemplateModule
 from lightning_modules.layers import Conv2dSame, InitName, keras_batch_norm, keras_init_
 
 
@@ -121,7 +121,7 @@ def keras_decay(decay: float):
     return lambda updates: 1.0 / (1.0 + decay * updates)
 
 
-class GAN(pl.LightningModule):
+class GAN(TemplateModule):
     """DCGAN, or the conditional GAN with ``conditional: true``, trained with Lightning manual optimisation.
 
     Args:

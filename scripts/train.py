@@ -33,6 +33,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks.batch_scaling import batch_size_summary
 from callbacks.checkpointing import CheckpointError, continue_run_dir, install_fault_tolerance, read_checkpoint
+from callbacks.profiler import NullProfiler
 from callbacks.run_record import RunRecord, continue_wandb_run
 
 # The in-memory datamodules batch by tensor slicing: worker processes would only add overhead. The modules
@@ -118,6 +119,8 @@ class TemplateCLI(LightningCLI):
         parser.set_defaults({"trainer.benchmark": True})
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
+        if self._get(self.config_init, "trainer", default={}).get("profiler") is None:
+            kwargs.setdefault("profiler", NullProfiler())  # Lightning's default no-op profiler, minus its overhead
         trainer = super().instantiate_trainer(**kwargs)
         share_run_dir(trainer)
         install_fault_tolerance(trainer)  # atomic checkpoint writes, RNG states in checkpoints
