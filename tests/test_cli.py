@@ -220,3 +220,17 @@ def test_speed_switches(mnist_dir):
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
     torch.set_float32_matmul_precision("highest")
+
+
+def test_no_profiler_by_default_and_a_requested_one_is_kept():
+    from pytorch_lightning.profilers import SimpleProfiler
+
+    from callbacks import NullProfiler
+
+    cli = main(["-c", str(ROOT / "configs/mnist/mlp.yaml")], run=False)
+    profiler = cli.trainer.profiler
+    assert isinstance(profiler, NullProfiler)
+    with profiler.profile("a") as first, profiler.profile("b") as second:  # shared, reentrant, no state
+        assert first is None and second is None
+    cli = main(["-c", str(ROOT / "configs/mnist/mlp.yaml"), "--trainer.profiler", "simple"], run=False)
+    assert isinstance(cli.trainer.profiler, SimpleProfiler)

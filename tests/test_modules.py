@@ -159,6 +159,54 @@ def test_training_lowers_the_loss_and_learns(tmp_path):
     assert set(result) >= {"test/loss", "test/acc", "test/top5_err"}
 
 
+def test_epoch_metrics_are_sample_weighted_over_the_whole_split(tmp_path):
+    """Validation updates metric states per batch and logs once: the logged loss and accuracy are those of the
+    whole split, with a smaller last batch weighted by its size."""
+
+    class Seen(pl.Callback):
+        def __init__(self):
+            self.batches = []
+
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            self.batches.append(batch)
+
+    pl.seed_everything(0)
+    dm = DigitsDataModule(batch_size=64)  # 144 validation images: 64 + 64 + 16
+    model = MLPClassifier(hidden_units=(32,))
+    seen = Seen()
+    result = _trainer(tmp_path, callbacks=[seen]).validate(model, datamodule=dm, verbose=False)[0]
+    x, y = (torch.cat(parts) for parts in zip(*seen.batches, strict=True))
+    assert len({len(b[1]) for b in seen.batches}) == 2  # the last batch is smaller
+    with torch.no_grad():
+        logits = model.eval()(x)
+    assert result["val/loss"] == pytest.approx(float(model.compute_loss(logits, y)), rel=1e-5)
+    assert result["val/acc"] == pytest.approx(float((logits.argmax(1) == y).float().mean()), rel=1e-6)
+
+
+def test_epoch_mean_weights_batches_keeps_nan_and_survives_inference_mode_resets():
+    from lightning_modules.base import EpochMean
+
+    mean = EpochMean()
+    mean.update(torch.tensor(1.0), 3)
+    mean.update(torch.tensor(3.0), 1)
+    assert float(mean.compute()) == pytest.approx(1.5)
+    with torch.inference_mode():  # Lightning resets metrics inside validation's inference mode
+        mean.reset()
+    mean.update(torch.tensor(2.0, requires_grad=True) * 1, 2)  # then training updates them
+    assert float(mean.compute()) == pytest.approx(2.0)
+    mean.update(torch.tensor(float("nan")), 1)
+    assert math.isnan(float(mean.compute()))  # a diverging loss shows, it is not dropped
+
+
+def test_template_module_stores_hook_names_directly_and_registers_everything_else():
+    module = MLPClassifier(hidden_units=(8,))
+    module._current_fx_name = "training_step"
+    assert module.__dict__["_current_fx_name"] == "training_step" and module._current_fx_name == "training_step"
+    module.extra = nn.Linear(2, 2)
+    module.scale = nn.Parameter(torch.ones(1))
+    assert "extra" in dict(module.named_children()) and "scale" in dict(module.named_parameters())
+
+
 def test_one_hot_targets_train(tmp_path):
     dm = DigitsDataModule(batch_size=64, target_format="one_hot")
     trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=3, limit_val_batches=2)
