@@ -1,8 +1,9 @@
 """Our experiments against plain PyTorch loops and per-sample pipelines, side by side, as Markdown tables.
 
-    python scripts/benchmark.py                 # both suites, 3 alternating repetitions, tables of medians
+    python scripts/benchmark.py                 # both suites, 5 alternating repetitions: medians and best runs
     python scripts/benchmark.py --suite cifar   # one suite (mnist | cifar)
     python scripts/benchmark.py --quick         # tiny data, one repetition: checks that it runs (CI)
+    python scripts/benchmark.py --same-process  # every run in this one process (finer on a noisy machine)
 
 **MNIST suite** (seconds per epoch).
 
@@ -11,7 +12,9 @@ and 5,000 validation images at batch 128 and reports its fastest epoch (training
 start-up, imports, one-off decoding and warm-up are excluded. Each measurement runs in a fresh process; the
 pipelines alternate within each repetition so drifts of the machine hit all of them alike. The table gives the
 median over repetitions and the fastest repetition: on a shared 2-core VM the same process can run 1.5x slower
-from one launch to the next, and the fastest repetition is the one least disturbed.
+from one launch to the next, and the fastest repetition is the one least disturbed. ``--same-process`` runs every
+repetition in the benchmark's own process instead (the pipelines still alternate), so a change of the machine's
+speed between process launches no longer lands on one pipeline only.
 
 - ``plain``: a hand-written loop over pre-normalised float tensors already in memory (the floor).
 - ``lightning_minimal``: the same model, data and validation in a minimal LightningModule run by a bare
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -358,19 +362,29 @@ CIFAR_RUNS = {
 }
 
 
-def child(suite: str, pipeline: str, data_dir: Path, val_size: int, epochs: int, steps: int) -> None:
-    sys.path.insert(0, str(ROOT / "scripts"))
+def run_pipeline(suite: str, pipeline: str, data_dir: Path, val_size: int, epochs: int, steps: int) -> float:
+    """One measurement in this process: MNIST seconds per epoch (the fastest after the first) or CIFAR images/s."""
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))
     if suite == "cifar":
-        print(json.dumps({"pipeline": pipeline, "value": CIFAR_RUNS[pipeline](data_dir, steps)}))
-        return
+        return CIFAR_RUNS[pipeline](data_dir, steps)
     runs = {"plain": run_plain, "lightning_minimal": run_lightning_minimal, "template": run_template}
-    run = {**runs, "per_sample": run_per_sample}[pipeline]
-    seconds = run(data_dir, val_size, epochs)
-    print(json.dumps({"pipeline": pipeline, "value": min(seconds[1:] or seconds)}))
+    seconds = {**runs, "per_sample": run_per_sample}[pipeline](data_dir, val_size, epochs)
+    return min(seconds[1:] or seconds)
 
 
-def measure(suite: str, pipeline: str, data_dir: Path, val_size: int, epochs: int, steps: int) -> float:
-    """One fresh process; it runs in ``data_dir``, so the template's ``runs/`` folder is thrown away with it."""
+def measure(
+    suite: str, pipeline: str, data_dir: Path, val_size: int, epochs: int, steps: int, same_process: bool = False
+) -> float:
+    """One measurement in a fresh process, or in this one with ``same_process``; either way it runs in
+    ``data_dir``, so the template's ``runs/`` folder is thrown away with it."""
+    if same_process:
+        previous = os.getcwd()
+        os.chdir(data_dir)
+        try:
+            return run_pipeline(suite, pipeline, data_dir, val_size, epochs, steps)
+        finally:
+            os.chdir(previous)
     command = [sys.executable, __file__, "--suite", suite, "--child", pipeline, "--data-dir", str(data_dir)]
     command += ["--val-size", str(val_size), "--epochs", str(epochs), "--steps", str(steps)]
     out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=data_dir).stdout
@@ -378,7 +392,7 @@ def measure(suite: str, pipeline: str, data_dir: Path, val_size: int, epochs: in
 
 
 def alternate(suite: str, pipelines: tuple[str, ...], reps: int, **kwargs) -> dict[str, list[float]]:
-    """``reps`` measurements per pipeline, each in a fresh process; the pipelines alternate within each repetition."""
+    """``reps`` measurements per pipeline (see :func:`measure`); the pipelines alternate within each repetition."""
     values: dict[str, list[float]] = {p: [] for p in pipelines}
     for rep in range(reps):
         for pipeline in pipelines:
@@ -401,28 +415,38 @@ def print_table(values: dict[str, list[float]], unit: str, higher_is_better: boo
     return medians
 
 
-def mnist_suite(quick: bool, reps: int, epochs: int) -> None:
+def runs_text(reps: int, same_process: bool) -> str:
+    return f"{reps} runs per pipeline " + ("alternating in one process" if same_process else "in fresh processes")
+
+
+def mnist_suite(quick: bool, reps: int, epochs: int, same_process: bool) -> None:
     n_train, val_size = (1_024, 256) if quick else (60_000, 5_000)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = make_data(n_train, 256, Path(tmp))
-        values = alternate("mnist", PIPELINES, reps, data_dir=data_dir, val_size=val_size, epochs=epochs, steps=0)
+        values = alternate(
+            "mnist", PIPELINES, reps, data_dir=data_dir, val_size=val_size, epochs=epochs, steps=0,
+            same_process=same_process,
+        )  # fmt: skip
     print(
-        f"\nMNIST MLP, {n_train - val_size} train + {val_size} val images, batch {BATCH}, {reps} fresh processes per "
-        f"pipeline, fastest of epochs 2-{epochs} of each (epoch 1 when only one), torch threads "
-        f"{torch.get_num_threads()}\n"
+        f"\nMNIST MLP, {n_train - val_size} train + {val_size} val images, batch {BATCH}, "
+        f"{runs_text(reps, same_process)}, fastest of epochs 2-{epochs} of each run (epoch 1 when only one), "
+        f"torch threads {torch.get_num_threads()}\n"
     )
     medians = print_table(values, "s / epoch", higher_is_better=False, digits=3)
     print(f"\nper_sample / template (medians): {medians['per_sample'] / medians['template']:.2f}x")
 
 
-def cifar_suite(quick: bool, reps: int, steps: int) -> None:
+def cifar_suite(quick: bool, reps: int, steps: int, same_process: bool) -> None:
     n_train = 1_000 if quick else 10_000
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = make_cifar(n_train, Path(tmp))
-        values = alternate("cifar", CIFAR_PIPELINES, reps, data_dir=data_dir, val_size=100, epochs=1, steps=steps)
+        values = alternate(
+            "cifar", CIFAR_PIPELINES, reps, data_dir=data_dir, val_size=100, epochs=1, steps=steps,
+            same_process=same_process,
+        )  # fmt: skip
     print(
         f"\nCIFAR-10 ResNet20 v1 training, batch {CIFAR_BATCH}, book augmentation (shift 0.1 + flip), {steps} timed "
-        f"steps after {CIFAR_WARMUP} warm-up steps, {reps} fresh processes per pipeline, torch threads "
+        f"steps after {CIFAR_WARMUP} warm-up steps, {runs_text(reps, same_process)}, torch threads "
         f"{torch.get_num_threads()}\n"
     )
     print_table(values, "images / s", higher_is_better=True, digits=0)
@@ -435,18 +459,25 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="MNIST: epochs per run; the fastest after the 1st counts")
     parser.add_argument("--steps", type=int, default=40, help="CIFAR-10: timed training steps per run")
     parser.add_argument("--quick", action="store_true", help="tiny data, one repetition: only checks it runs")
+    parser.add_argument(
+        "--same-process",
+        action="store_true",
+        help="run every repetition in this one process instead of fresh ones: finer comparisons on a machine whose "
+        "speed changes from one process launch to the next",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--val-size", type=int, default=5000, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.suite, args.child, args.data_dir, args.val_size, args.epochs, args.steps)
+        value = run_pipeline(args.suite, args.child, args.data_dir, args.val_size, args.epochs, args.steps)
+        print(json.dumps({"pipeline": args.child, "value": value}))
         return
     reps, epochs, steps = (1, 1, 2) if args.quick else (args.reps, args.epochs, args.steps)
     if args.suite in ("all", "mnist"):
-        mnist_suite(args.quick, reps, epochs)
+        mnist_suite(args.quick, reps, epochs, args.same_process)
     if args.suite in ("all", "cifar"):
-        cifar_suite(args.quick, reps, steps)
+        cifar_suite(args.quick, reps, steps, args.same_process)
 
 
 if __name__ == "__main__":
