@@ -381,7 +381,21 @@ def split_indices(n: int, val_size: int | float, seed: int) -> tuple[Tensor, Ten
     return perm[n_val:], perm[:n_val]
 
 
-class ImageDataModule(pl.LightningDataModule):
+class EvalLoaders:
+    """``val/test/predict_dataloader`` of a datamodule with ``val_set`` and ``test_set`` (``val_set`` None or empty:
+    no validation) and a ``_loader(dataset, train)`` recipe. List it before ``pl.LightningDataModule``."""
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_set, train=False) if self.val_set is not None and len(self.val_set) else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+
+class ImageDataModule(EvalLoaders, pl.LightningDataModule):
     """Base for image classification datasets held in memory as ``uint8`` tensors.
 
     Subclasses set ``num_classes``, ``dims`` and ``classes`` and implement :meth:`load_split`, returning
@@ -548,15 +562,6 @@ class ImageDataModule(pl.LightningDataModule):
         if dataset is not None and self.sample_augment is not None:
             dataset = AugmentedDataset(dataset, self.sample_augment)
         return self._loader(dataset, train=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_set, train=False) if self.val_set is not None and len(self.val_set) else []
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
 
     def normalize_images(self, images: Tensor) -> Tensor:
         """``uint8`` batch -> normalised ``float32``, on the batch's device."""

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.base import (
     CorruptDataError,
     DataNotFoundError,
+    EvalLoaders,
     ResumableSampler,
     atomic_save,
     default_data_dir,
@@ -302,7 +303,7 @@ def _count(value: int | float, total: int, what: str) -> int:
 # ---- the datamodule ----------------------------------------------------------------------------------------------
 
 
-class OmniglotDataModule(pl.LightningDataModule):
+class OmniglotDataModule(EvalLoaders, pl.LightningDataModule):
     """Episodic Omniglot: N-way K-shot support sets with Q queries per class, from disjoint class pools.
 
     Splits (class pools never overlap):
@@ -545,15 +546,6 @@ class OmniglotDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_set, train=False) if self.val_set is not None else []
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """``uint8`` pixels -> ``float32`` in [0, 1] on the device (Snell et al.'s scaling; no statistics)."""

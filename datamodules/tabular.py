@@ -20,7 +20,7 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.base import slicing_loader, split_indices
+from datamodules.base import EvalLoaders, slicing_loader, split_indices
 
 
 class TensorRows(Dataset):
@@ -42,7 +42,7 @@ class TensorRows(Dataset):
         return self.features[index], self.targets[index]
 
 
-class DiabetesDataModule(pl.LightningDataModule):
+class DiabetesDataModule(EvalLoaders, pl.LightningDataModule):
     """scikit-learn's diabetes regression data with a fixed test split and train-only standardisation.
 
     Args:
@@ -118,15 +118,6 @@ class DiabetesDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_set, train=False) if self.val_set is not None and len(self.val_set) else []
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
 
     def standardize(self, features: Tensor) -> Tensor:
         """Raw feature rows -> standardised with the training statistics, on the rows' device."""

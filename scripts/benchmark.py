@@ -218,18 +218,22 @@ def run_lightning_minimal(data_dir: Path, val_size: int, epochs: int) -> list[fl
     return timer.seconds
 
 
-def run_template(data_dir: Path, val_size: int, epochs: int) -> list[float]:
+def fit_config(config: str, timer, *overrides: str) -> None:
+    """``fit`` one of our configs through the CLI (``scripts/train.py``) with ``timer`` among its callbacks."""
     from train import main
 
-    cli = main(
-        ["-c", str(ROOT / "configs/mnist/mlp.yaml"), "--data.init_args.data_dir", str(data_dir),
-         "--data.init_args.val_size", str(val_size), "--trainer.max_epochs", str(epochs),
-         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"],
-        run=False,
-    )  # fmt: skip
-    timer = epoch_timer()
+    quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    cli = main(["-c", str(ROOT / config), *overrides, *quiet], run=False)
     cli.trainer.callbacks.append(timer)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+
+
+def run_template(data_dir: Path, val_size: int, epochs: int) -> list[float]:
+    timer = epoch_timer()
+    fit_config(
+        "configs/mnist/mlp.yaml", timer, "--data.init_args.data_dir", str(data_dir),
+        "--data.init_args.val_size", str(val_size), "--trainer.max_epochs", str(epochs),
+    )  # fmt: skip
     return timer.seconds
 
 
@@ -307,7 +311,6 @@ def cifar_plain(data_dir: Path, steps: int) -> float:
 
 def cifar_template(data_dir: Path, steps: int) -> float:
     from pytorch_lightning.callbacks import Callback
-    from train import main
 
     _no_md5()
 
@@ -319,16 +322,12 @@ def cifar_template(data_dir: Path, steps: int) -> float:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.end = time.perf_counter()
 
-    cli = main(
-        ["-c", str(ROOT / "configs/cifar10/resnet20_v1.yaml"), "--data.init_args.data_dir", str(data_dir),
-         "--data.init_args.val_size", "100", "--trainer.max_epochs", "1",
-         "--trainer.limit_train_batches", str(CIFAR_WARMUP + steps), "--trainer.limit_val_batches", "0",
-         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"],
-        run=False,
-    )  # fmt: skip
     timer = StepTimer()
-    cli.trainer.callbacks.append(timer)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    fit_config(
+        "configs/cifar10/resnet20_v1.yaml", timer, "--data.init_args.data_dir", str(data_dir),
+        "--data.init_args.val_size", "100", "--trainer.max_epochs", "1",
+        "--trainer.limit_train_batches", str(CIFAR_WARMUP + steps), "--trainer.limit_val_batches", "0",
+    )  # fmt: skip
     return steps * CIFAR_BATCH / (timer.end - timer.start)
 
 
