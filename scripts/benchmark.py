@@ -362,9 +362,20 @@ CIFAR_RUNS = {
 
 
 def run_pipeline(suite: str, pipeline: str, data_dir: Path, val_size: int, epochs: int, steps: int) -> float:
-    """One measurement in this process: MNIST seconds per epoch (the fastest after the first) or CIFAR images/s."""
+    """One measurement in this process: MNIST seconds per epoch (the fastest after the first) or CIFAR images/s.
+
+    The references stand for processes without Lightning: Lightning's import switches ``torch.cuda.is_available()``
+    to an NVML probe that a GPU-less machine repeats at every optimiser step, so it is switched back for them
+    (:func:`~lightning_modules.base.use_runtime_cuda_check_without_gpu`). The Lightning pipelines start from
+    Lightning's setting; the template switches it itself when training starts, the minimal module keeps it.
+    """
+    from lightning_modules.base import NVML_CUDA_CHECK, use_runtime_cuda_check_without_gpu
+
     if str(ROOT / "scripts") not in sys.path:
         sys.path.insert(0, str(ROOT / "scripts"))
+    os.environ[NVML_CUDA_CHECK] = "1"  # as importing Lightning leaves it
+    if pipeline in ("plain", "per_sample"):
+        use_runtime_cuda_check_without_gpu()
     if suite == "cifar":
         return CIFAR_RUNS[pipeline](data_dir, steps)
     runs = {"plain": run_plain, "lightning_minimal": run_lightning_minimal, "template": run_template}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import pytorch_lightning as pl
@@ -208,6 +209,26 @@ def test_template_module_stores_hook_names_directly_and_registers_everything_els
     module.extra = nn.Linear(2, 2)
     module.scale = nn.Parameter(torch.ones(1))
     assert "extra" in dict(module.named_children()) and "scale" in dict(module.named_parameters())
+
+
+def test_training_start_drops_the_nvml_cuda_probe_only_without_a_gpu(tmp_path, monkeypatch):
+    from unittest import mock
+
+    from lightning_modules.base import NVML_CUDA_CHECK, use_runtime_cuda_check_without_gpu
+
+    monkeypatch.setenv(NVML_CUDA_CHECK, "1")  # what importing Lightning does
+    with mock.patch.object(torch.cuda, "device_count", return_value=2):
+        assert not use_runtime_cuda_check_without_gpu()  # a GPU machine keeps the fork-safe check
+    assert os.environ[NVML_CUDA_CHECK] == "1"
+    with mock.patch.object(torch.cuda, "device_count", return_value=0):
+        assert use_runtime_cuda_check_without_gpu()
+    assert os.environ[NVML_CUDA_CHECK] == "0" and not torch.cuda.is_available()
+    monkeypatch.setenv(NVML_CUDA_CHECK, "1")
+    with mock.patch.object(torch.cuda, "device_count", return_value=0):  # every module does it when training starts
+        _trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0).fit(
+            MLPClassifier(hidden_units=(8,)), datamodule=DigitsDataModule(batch_size=16)
+        )
+    assert os.environ[NVML_CUDA_CHECK] == "0"
 
 
 def test_one_hot_targets_train(tmp_path):
