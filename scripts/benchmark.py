@@ -24,6 +24,14 @@ speed between process launches no longer lands on one pipeline only.
 - ``per_sample``: the common torchvision path: uint8 array -> PIL image -> ToTensor -> Normalize per sample, default
   collate, then the same plain loop.
 
+A second table pairs epochs instead of runs: each epoch of ``lightning_minimal`` and ``template`` is followed, in
+the same process, by one epoch of the plain loop, and the ratio is the median over those pairs. On this VM, whose
+speed drifts by tens of percent between launches and over minutes, it is the steadier of the two ratios.
+
+The plain loops run as in a process without Lightning: importing Lightning makes ``torch.cuda.is_available()`` an
+NVML probe that a GPU-less machine repeats at every optimiser step (0.3 ms), which the template switches off when
+training starts and the minimal module, as Lightning ships, keeps.
+
 The data are random ``uint8`` images in MNIST's shape (speed does not depend on the pixels), written as IDX files
 for the template; no download is needed.
 
@@ -43,6 +51,7 @@ Each pipeline trains ``--steps`` timed steps after a few warm-up steps, each in 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -90,32 +99,54 @@ def book_mlp() -> nn.Module:
     return MLP(784, (256, 256), 10, dropout=0.45, act="relu")
 
 
-def plain_epochs(batches_of, n_train: int, x_val, y_val, epochs: int) -> list[float]:
-    """Train/validate the book MLP with a hand-written loop; returns each epoch's seconds."""
-    model = book_mlp()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-7)
-    loss_fn = nn.CrossEntropyLoss()
-    seconds = []
-    for _ in range(epochs):
-        start = time.perf_counter()
-        model.train()
-        for x, y in batches_of(n_train):
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            optimizer.step()
-        model.eval()
-        with torch.no_grad():
-            correct = sum(
-                (model(x_val[i : i + BATCH]).argmax(1) == y_val[i : i + BATCH]).sum()
-                for i in range(0, len(x_val), BATCH)
-            )
-        float(correct)
-        seconds.append(time.perf_counter() - start)
-    return seconds
+@contextlib.contextmanager
+def as_without_lightning():
+    """Run a reference loop as in a process that never imported Lightning: Lightning's import switches
+    ``torch.cuda.is_available()`` to an NVML probe that a GPU-less machine repeats at every optimiser step
+    (:func:`~lightning_modules.base.use_runtime_cuda_check_without_gpu`), a cost plain PyTorch does not pay."""
+    from lightning_modules.base import NVML_CUDA_CHECK, use_runtime_cuda_check_without_gpu
+
+    previous = os.environ.get(NVML_CUDA_CHECK)
+    use_runtime_cuda_check_without_gpu()
+    try:
+        yield
+    finally:
+        if previous is not None:
+            os.environ[NVML_CUDA_CHECK] = previous
 
 
-def run_plain(data_dir: Path, val_size: int, epochs: int) -> list[float]:
+class PlainLoop:
+    """The book MLP trained and validated by a hand-written loop, one epoch per :meth:`epoch` call."""
+
+    def __init__(self, batches_of, n_train: int, x_val: torch.Tensor, y_val: torch.Tensor) -> None:
+        self.batches_of, self.n_train, self.x_val, self.y_val = batches_of, n_train, x_val, y_val
+        self.model = book_mlp()
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, eps=1e-7)
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    def epoch(self) -> float:
+        """One training epoch and its validation; returns the seconds they took."""
+        model, optimizer, x_val, y_val = self.model, self.optimizer, self.x_val, self.y_val
+        with as_without_lightning():
+            start = time.perf_counter()
+            model.train()
+            for x, y in self.batches_of(self.n_train):
+                optimizer.zero_grad(set_to_none=True)
+                loss = self.loss_fn(model(x), y)
+                loss.backward()
+                optimizer.step()
+            model.eval()
+            with torch.no_grad():
+                correct = sum(
+                    (model(x_val[i : i + BATCH]).argmax(1) == y_val[i : i + BATCH]).sum()
+                    for i in range(0, len(x_val), BATCH)
+                )
+            float(correct)
+            return time.perf_counter() - start
+
+
+def plain_loop(data_dir: Path, val_size: int) -> PlainLoop:
+    """The plain reference: batches cut from pre-normalised float tensors in memory."""
     x_train, y_train, x_val, y_val = load_split(data_dir, val_size)
     x_train, x_val = x_train.float() / 255, x_val.float() / 255
 
@@ -125,7 +156,12 @@ def run_plain(data_dir: Path, val_size: int, epochs: int) -> list[float]:
             idx = perm[i : i + BATCH]
             yield x_train[idx], y_train[idx]
 
-    return plain_epochs(batches, len(x_train), x_val, y_val, epochs)
+    return PlainLoop(batches, len(x_train), x_val, y_val)
+
+
+def run_plain(data_dir: Path, val_size: int, epochs: int) -> list[float]:
+    loop = plain_loop(data_dir, val_size)
+    return [loop.epoch() for _ in range(epochs)]
 
 
 def run_per_sample(data_dir: Path, val_size: int, epochs: int) -> list[float]:
@@ -153,27 +189,32 @@ def run_per_sample(data_dir: Path, val_size: int, epochs: int) -> list[float]:
     def batches(_n):
         yield from loader
 
-    return plain_epochs(batches, len(train), val_x, torch.tensor(val.labels), epochs)
+    loop = PlainLoop(batches, len(train), val_x, torch.tensor(val.labels))
+    return [loop.epoch() for _ in range(epochs)]
 
 
-def epoch_timer():
-    """A Lightning callback timing each training epoch (built here: Lightning is imported in the child only)."""
+def epoch_timer(reference: PlainLoop | None = None):
+    """A Lightning callback timing each training epoch; with a ``reference``, each timed epoch is followed by one
+    epoch of that loop (built here: Lightning is imported in the child only)."""
     from pytorch_lightning.callbacks import Callback
 
     class EpochTimer(Callback):
         def __init__(self) -> None:
             self.seconds: list[float] = []
+            self.reference_seconds: list[float] = []
 
         def on_train_epoch_start(self, trainer, pl_module):
             self.start = time.perf_counter()
 
         def on_train_epoch_end(self, trainer, pl_module):  # Lightning 2: after the epoch's validation
             self.seconds.append(time.perf_counter() - self.start)
+            if reference is not None:
+                self.reference_seconds.append(reference.epoch())
 
     return EpochTimer()
 
 
-def run_lightning_minimal(data_dir: Path, val_size: int, epochs: int) -> list[float]:
+def run_lightning_minimal(data_dir: Path, val_size: int, epochs: int, timer=None) -> list[float]:
     """Lightning's floor: the plain loop's model, data and validation in a minimal LightningModule (no metrics
     objects, no logging, no callbacks, no checkpoints)."""
     import pytorch_lightning as pl
@@ -209,7 +250,7 @@ def run_lightning_minimal(data_dir: Path, val_size: int, epochs: int) -> list[fl
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=1e-3, eps=1e-7)
 
-    timer = epoch_timer()
+    timer = timer or epoch_timer()
     trainer = pl.Trainer(
         max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[timer], num_sanity_val_steps=0,
@@ -228,13 +269,25 @@ def fit_config(config: str, timer, *overrides: str) -> None:
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
 
 
-def run_template(data_dir: Path, val_size: int, epochs: int) -> list[float]:
-    timer = epoch_timer()
+def run_template(data_dir: Path, val_size: int, epochs: int, timer=None) -> list[float]:
+    timer = timer or epoch_timer()
     fit_config(
         "configs/mnist/mlp.yaml", timer, "--data.init_args.data_dir", str(data_dir),
         "--data.init_args.val_size", str(val_size), "--trainer.max_epochs", str(epochs),
     )  # fmt: skip
     return timer.seconds
+
+
+PAIRED_PIPELINES = ("lightning_minimal", "template")
+
+
+def run_paired(pipeline: str, data_dir: Path, val_size: int, epochs: int) -> list[list[float]]:
+    """``[pipeline seconds, plain seconds]`` for each epoch after the first of a Lightning pipeline, each epoch
+    followed by one epoch of the plain loop in the same process."""
+    timer = epoch_timer(plain_loop(data_dir, val_size))
+    {"lightning_minimal": run_lightning_minimal, "template": run_template}[pipeline](data_dir, val_size, epochs, timer)
+    pairs = [list(pair) for pair in zip(timer.seconds, timer.reference_seconds, strict=True)]
+    return pairs[1:] or pairs
 
 
 # ---- CIFAR-10 suite -------------------------------------------------------------------------------------------------
@@ -297,15 +350,16 @@ def cifar_plain(data_dir: Path, steps: int) -> float:
     loss_fn = nn.CrossEntropyLoss()
     perm = torch.randperm(len(images))
     start = 0.0
-    for step in range(CIFAR_WARMUP + steps):
-        if step == CIFAR_WARMUP:
-            start = time.perf_counter()
-        idx = perm[(step * CIFAR_BATCH) % len(perm) :][:CIFAR_BATCH]
-        x = augment(images[idx].float() / 255 - mean)
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(net(x), labels[idx]) + model.regularization_loss()
-        loss.backward()
-        optimizer.step()
+    with as_without_lightning():
+        for step in range(CIFAR_WARMUP + steps):
+            if step == CIFAR_WARMUP:
+                start = time.perf_counter()
+            idx = perm[(step * CIFAR_BATCH) % len(perm) :][:CIFAR_BATCH]
+            x = augment(images[idx].float() / 255 - mean)
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(net(x), labels[idx]) + model.regularization_loss()
+            loss.backward()
+            optimizer.step()
     return steps * CIFAR_BATCH / (time.perf_counter() - start)
 
 
@@ -361,23 +415,25 @@ CIFAR_RUNS = {
 }
 
 
-def run_pipeline(suite: str, pipeline: str, data_dir: Path, val_size: int, epochs: int, steps: int) -> float:
-    """One measurement in this process: MNIST seconds per epoch (the fastest after the first) or CIFAR images/s.
+def run_pipeline(
+    suite: str, pipeline: str, data_dir: Path, val_size: int, epochs: int, steps: int
+) -> float | list[list[float]]:
+    """One measurement in this process: MNIST seconds per epoch (the fastest after the first), CIFAR images/s, or
+    for ``paired`` the ``[pipeline, plain]`` seconds of each epoch (:func:`run_paired`).
 
-    The references stand for processes without Lightning: Lightning's import switches ``torch.cuda.is_available()``
-    to an NVML probe that a GPU-less machine repeats at every optimiser step, so it is switched back for them
-    (:func:`~lightning_modules.base.use_runtime_cuda_check_without_gpu`). The Lightning pipelines start from
-    Lightning's setting; the template switches it itself when training starts, the minimal module keeps it.
+    Every pipeline starts from the CUDA check importing Lightning leaves; the plain references switch it back as
+    a process without Lightning would have it (:func:`as_without_lightning`), the template switches it itself when
+    training starts (on a GPU-less machine), the minimal module keeps it.
     """
-    from lightning_modules.base import NVML_CUDA_CHECK, use_runtime_cuda_check_without_gpu
+    from lightning_modules.base import NVML_CUDA_CHECK
 
     if str(ROOT / "scripts") not in sys.path:
         sys.path.insert(0, str(ROOT / "scripts"))
-    os.environ[NVML_CUDA_CHECK] = "1"  # as importing Lightning leaves it
-    if pipeline in ("plain", "per_sample"):
-        use_runtime_cuda_check_without_gpu()
+    os.environ[NVML_CUDA_CHECK] = "1"
     if suite == "cifar":
         return CIFAR_RUNS[pipeline](data_dir, steps)
+    if suite == "paired":
+        return run_paired(pipeline, data_dir, val_size, epochs)
     runs = {"plain": run_plain, "lightning_minimal": run_lightning_minimal, "template": run_template}
     seconds = {**runs, "per_sample": run_per_sample}[pipeline](data_dir, val_size, epochs)
     return min(seconds[1:] or seconds)
@@ -385,7 +441,7 @@ def run_pipeline(suite: str, pipeline: str, data_dir: Path, val_size: int, epoch
 
 def measure(
     suite: str, pipeline: str, data_dir: Path, val_size: int, epochs: int, steps: int, same_process: bool = False
-) -> float:
+) -> float | list[list[float]]:
     """One measurement in a fresh process, or in this one with ``same_process``; either way it runs in
     ``data_dir``, so the template's ``runs/`` folder is thrown away with it."""
     if same_process:
@@ -395,19 +451,19 @@ def measure(
             return run_pipeline(suite, pipeline, data_dir, val_size, epochs, steps)
         finally:
             os.chdir(previous)
-    command = [sys.executable, __file__, "--suite", suite, "--child", pipeline, "--data-dir", str(data_dir)]
+    command = [sys.executable, __file__, "--child-suite", suite, "--child", pipeline, "--data-dir", str(data_dir)]
     command += ["--val-size", str(val_size), "--epochs", str(epochs), "--steps", str(steps)]
     out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=data_dir).stdout
     return json.loads(out.strip().splitlines()[-1])["value"]
 
 
-def alternate(suite: str, pipelines: tuple[str, ...], reps: int, **kwargs) -> dict[str, list[float]]:
+def alternate(suite: str, pipelines: tuple[str, ...], reps: int, **kwargs) -> dict[str, list]:
     """``reps`` measurements per pipeline (see :func:`measure`); the pipelines alternate within each repetition."""
-    values: dict[str, list[float]] = {p: [] for p in pipelines}
+    values: dict[str, list] = {p: [] for p in pipelines}
     for rep in range(reps):
         for pipeline in pipelines:
             values[pipeline].append(measure(suite, pipeline, **kwargs))
-            print(f"{suite} rep {rep + 1}/{reps} {pipeline}: {values[pipeline][-1]:.3f}", file=sys.stderr)
+            print(f"{suite} rep {rep + 1}/{reps} {pipeline}: {values[pipeline][-1]}", file=sys.stderr)
     return values
 
 
@@ -425,6 +481,18 @@ def print_table(values: dict[str, list[float]], unit: str, higher_is_better: boo
     return medians
 
 
+def print_paired_table(pairs: dict[str, list[list[list[float]]]]) -> None:
+    """Markdown table of paired epochs: each pipeline epoch over the plain-loop epoch run right after it."""
+    print("| pipeline | s / epoch, median | plain loop s / epoch, median | vs plain loop, median of pairs | range |")
+    print("| --- | --- | --- | --- | --- |")
+    for p, runs in pairs.items():
+        flat = [pair for run in runs for pair in run]
+        ratios = [mine / plain for mine, plain in flat]
+        mine, plain = (statistics.median(column) for column in zip(*flat, strict=True))
+        ratio = statistics.median(ratios)
+        print(f"| {p} | {mine:.3f} | {plain:.3f} | {ratio:.2f} | {min(ratios):.2f}-{max(ratios):.2f} |")
+
+
 def runs_text(reps: int, same_process: bool) -> str:
     return f"{reps} runs per pipeline " + ("alternating in one process" if same_process else "in fresh processes")
 
@@ -437,6 +505,10 @@ def mnist_suite(quick: bool, reps: int, epochs: int, same_process: bool) -> None
             "mnist", PIPELINES, reps, data_dir=data_dir, val_size=val_size, epochs=epochs, steps=0,
             same_process=same_process,
         )  # fmt: skip
+        pairs = alternate(
+            "paired", PAIRED_PIPELINES, reps, data_dir=data_dir, val_size=val_size, epochs=epochs, steps=0,
+            same_process=same_process,
+        )  # fmt: skip
     print(
         f"\nMNIST MLP, {n_train - val_size} train + {val_size} val images, batch {BATCH}, "
         f"{runs_text(reps, same_process)}, fastest of epochs 2-{epochs} of each run (epoch 1 when only one), "
@@ -444,6 +516,12 @@ def mnist_suite(quick: bool, reps: int, epochs: int, same_process: bool) -> None
     )
     medians = print_table(values, "s / epoch", higher_is_better=False, digits=3)
     print(f"\nper_sample / template (medians): {medians['per_sample'] / medians['template']:.2f}x")
+    print(
+        f"\nThe same Lightning pipelines with every epoch followed by one epoch of the plain loop in the same process "
+        f"({runs_text(reps, same_process)}; the pairs of epochs 2-{epochs}): a change of the machine's speed between "
+        "runs or launches hits both sides of a pair alike.\n"
+    )
+    print_paired_table(pairs)
 
 
 def cifar_suite(quick: bool, reps: int, steps: int, same_process: bool) -> None:
@@ -465,6 +543,7 @@ def cifar_suite(quick: bool, reps: int, steps: int, same_process: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", choices=("all", "mnist", "cifar"), default="all", help="which table(s) to measure")
+    parser.add_argument("--child-suite", help=argparse.SUPPRESS)
     parser.add_argument("--reps", type=int, default=5, help="alternating repetitions per pipeline")
     parser.add_argument("--epochs", type=int, default=3, help="MNIST: epochs per run; the fastest after the 1st counts")
     parser.add_argument("--steps", type=int, default=40, help="CIFAR-10: timed training steps per run")
@@ -480,7 +559,7 @@ def main() -> None:
     parser.add_argument("--val-size", type=int, default=5000, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        value = run_pipeline(args.suite, args.child, args.data_dir, args.val_size, args.epochs, args.steps)
+        value = run_pipeline(args.child_suite, args.child, args.data_dir, args.val_size, args.epochs, args.steps)
         print(json.dumps({"pipeline": args.child, "value": value}))
         return
     reps, epochs, steps = (1, 1, 2) if args.quick else (args.reps, args.epochs, args.steps)

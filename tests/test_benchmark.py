@@ -25,10 +25,19 @@ def test_benchmark_quick_mode_prints_the_table(suite, same_process):
         command + (["--same-process"] if same_process else []), capture_output=True, text=True, timeout=300, cwd=ROOT
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
-    assert [row.split("|")[1].strip() for row in rows] == ["pipeline", *PIPELINES[suite]], result.stdout
+    tables = [[row for row in table.splitlines() if "---" not in row] for table in result.stdout.split("\n\n")]
+    tables = [[[cell.strip() for cell in row.split("|")[1:-1]] for row in t] for t in tables if t and t[0][:2] == "| "]
+    rows = tables[0]
+    assert [row[0] for row in rows] == ["pipeline", *PIPELINES[suite]], result.stdout
     for row in rows[1:]:  # median, ratio, best run, ratio: all positive numbers
-        assert all(float(cell) > 0 for cell in row.split("|")[2:6]), row
-    assert float(rows[1].split("|")[3]) == 1.0  # plain is the reference
+        assert all(float(cell) > 0 for cell in row[1:5]), row
+    assert float(rows[1][2]) == 1.0  # plain is the reference
+    if suite == "mnist":  # the Lightning pipelines paired epoch by epoch with the plain loop
+        assert [row[0] for row in tables[1]] == ["pipeline", "lightning_minimal", "template"], result.stdout
+        for row in tables[1][1:]:
+            mine, plain, ratio = (float(cell) for cell in row[1:4])
+            low, high = (float(cell) for cell in row[4].split("-"))
+            assert mine > 0 and plain > 0 and low <= ratio <= high, row
+    assert len(tables) == (2 if suite == "mnist" else 1), result.stdout
     assert ("alternating in one process" in result.stdout) == same_process
     assert (sorted(runs.rglob("*")) if runs.exists() else []) == before  # run folders stay in the temp dir
