@@ -463,7 +463,9 @@ def alternate(suite: str, pipelines: tuple[str, ...], reps: int, **kwargs) -> di
     for rep in range(reps):
         for pipeline in pipelines:
             values[pipeline].append(measure(suite, pipeline, **kwargs))
-            print(f"{suite} rep {rep + 1}/{reps} {pipeline}: {values[pipeline][-1]}", file=sys.stderr)
+            value = values[pipeline][-1]
+            shown = f"{value:.3f}" if isinstance(value, float) else " ".join(f"{a:.3f}/{b:.3f}" for a, b in value)
+            print(f"{suite} rep {rep + 1}/{reps} {pipeline}: {shown}", file=sys.stderr)
     return values
 
 
