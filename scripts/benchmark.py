@@ -32,6 +32,7 @@ The plain loops run as in a process without Lightning: importing Lightning makes
 NVML probe that a GPU-less machine repeats at every optimiser step (0.3 ms), which the template switches off when
 training starts and the minimal module, as Lightning ships, keeps.
 
+Every pipeline trains on one GPU when there is one (clocks read after ``torch.cuda.synchronize()``), else on the CPU.
 The data are random ``uint8`` images in MNIST's shape (speed does not depend on the pixels), written as IDX files
 for the template; no download is needed.
 
@@ -93,6 +94,17 @@ def load_split(data_dir: Path, val_size: int) -> tuple[torch.Tensor, ...]:
     return images[val_size:], labels[val_size:], images[:val_size], labels[:val_size]
 
 
+def device() -> torch.device:
+    """Where every pipeline trains: the GPU when there is one (as the configs' ``accelerator: auto``), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def synchronize() -> None:
+    """Wait for the GPU's queued work before reading a clock (nothing to wait for on the CPU)."""
+    if device().type == "cuda":
+        torch.cuda.synchronize()
+
+
 def book_mlp() -> nn.Module:
     from lightning_modules.mlp import MLP
 
@@ -120,7 +132,7 @@ class PlainLoop:
 
     def __init__(self, batches_of, n_train: int, x_val: torch.Tensor, y_val: torch.Tensor) -> None:
         self.batches_of, self.n_train, self.x_val, self.y_val = batches_of, n_train, x_val, y_val
-        self.model = book_mlp()
+        self.model = book_mlp().to(device())
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, eps=1e-7)
         self.loss_fn = nn.CrossEntropyLoss()
 
@@ -141,17 +153,17 @@ class PlainLoop:
                     (model(x_val[i : i + BATCH]).argmax(1) == y_val[i : i + BATCH]).sum()
                     for i in range(0, len(x_val), BATCH)
                 )
-            float(correct)
+            float(correct)  # waits for the device
             return time.perf_counter() - start
 
 
 def plain_loop(data_dir: Path, val_size: int) -> PlainLoop:
-    """The plain reference: batches cut from pre-normalised float tensors in memory."""
-    x_train, y_train, x_val, y_val = load_split(data_dir, val_size)
+    """The plain reference: batches cut from pre-normalised float tensors in the device's memory."""
+    x_train, y_train, x_val, y_val = (t.to(device()) for t in load_split(data_dir, val_size))
     x_train, x_val = x_train.float() / 255, x_val.float() / 255
 
     def batches(n):
-        perm = torch.randperm(n)
+        perm = torch.randperm(n, device=x_train.device)
         for i in range(0, n, BATCH):
             idx = perm[i : i + BATCH]
             yield x_train[idx], y_train[idx]
@@ -187,9 +199,10 @@ def run_per_sample(data_dir: Path, val_size: int, epochs: int) -> list[float]:
     loader = DataLoader(train, batch_size=BATCH, shuffle=True)
 
     def batches(_n):
-        yield from loader
+        for x, y in loader:
+            yield x.to(device(), non_blocking=True), y.to(device(), non_blocking=True)
 
-    loop = PlainLoop(batches, len(train), val_x, torch.tensor(val.labels))
+    loop = PlainLoop(batches, len(train), val_x.to(device()), torch.tensor(val.labels, device=device()))
     return [loop.epoch() for _ in range(epochs)]
 
 
@@ -204,9 +217,11 @@ def epoch_timer(reference: PlainLoop | None = None):
             self.reference_seconds: list[float] = []
 
         def on_train_epoch_start(self, trainer, pl_module):
+            synchronize()
             self.start = time.perf_counter()
 
         def on_train_epoch_end(self, trainer, pl_module):  # Lightning 2: after the epoch's validation
+            synchronize()
             self.seconds.append(time.perf_counter() - self.start)
             if reference is not None:
                 self.reference_seconds.append(reference.epoch())
@@ -219,7 +234,7 @@ def run_lightning_minimal(data_dir: Path, val_size: int, epochs: int, timer=None
     objects, no logging, no callbacks, no checkpoints)."""
     import pytorch_lightning as pl
 
-    x_train, y_train, x_val, y_val = load_split(data_dir, val_size)
+    x_train, y_train, x_val, y_val = (t.to(device()) for t in load_split(data_dir, val_size))
     x_train, x_val = x_train.float() / 255, x_val.float() / 255
 
     class Batches:
@@ -230,7 +245,8 @@ def run_lightning_minimal(data_dir: Path, val_size: int, epochs: int, timer=None
             return -(-len(self.x) // BATCH)
 
         def __iter__(self):
-            order = torch.randperm(len(self.x)) if self.shuffle else torch.arange(len(self.x))
+            n, on = len(self.x), self.x.device
+            order = torch.randperm(n, device=on) if self.shuffle else torch.arange(n, device=on)
             for i in range(0, len(self.x), BATCH):
                 yield self.x[order[i : i + BATCH]], self.y[order[i : i + BATCH]]
 
@@ -252,8 +268,8 @@ def run_lightning_minimal(data_dir: Path, val_size: int, epochs: int, timer=None
 
     timer = timer or epoch_timer()
     trainer = pl.Trainer(
-        max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[timer], num_sanity_val_steps=0,
+        max_epochs=epochs, accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], num_sanity_val_steps=0,
     )  # fmt: skip
     trainer.fit(Minimal(), Batches(x_train, y_train, True), Batches(x_val, y_val, False))
     return timer.seconds
@@ -264,6 +280,7 @@ def fit_config(config: str, timer, *overrides: str) -> None:
     from train import main
 
     quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    quiet += ["--trainer.devices", "1"]  # one device, like the references (a multi-GPU node would start DDP)
     cli = main(["-c", str(ROOT / config), *overrides, *quiet], run=False)
     cli.trainer.callbacks.append(timer)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -341,18 +358,19 @@ def cifar_plain(data_dir: Path, steps: int) -> float:
     from datamodules.augment import BatchAugment
     from lightning_modules.resnet import ResNetClassifier
 
-    images, labels = cifar_datamodule(data_dir).load_split("train")
+    images, labels = (t.to(device()) for t in cifar_datamodule(data_dir).load_split("train"))
     mean = images.double().mean(0).float() / 255
-    model = ResNetClassifier(version=1, depth=20, l2=1e-4, num_classes=10, input_shape=(3, 32, 32))
+    model = ResNetClassifier(version=1, depth=20, l2=1e-4, num_classes=10, input_shape=(3, 32, 32)).to(device())
     net = model.net.train()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, eps=1e-7)
     augment = BatchAugment(width_shift_range=0.1, height_shift_range=0.1, horizontal_flip=True)
     loss_fn = nn.CrossEntropyLoss()
-    perm = torch.randperm(len(images))
+    perm = torch.randperm(len(images), device=images.device)
     start = 0.0
     with as_without_lightning():
         for step in range(CIFAR_WARMUP + steps):
             if step == CIFAR_WARMUP:
+                synchronize()
                 start = time.perf_counter()
             idx = perm[(step * CIFAR_BATCH) % len(perm) :][:CIFAR_BATCH]
             x = augment(images[idx].float() / 255 - mean)
@@ -360,6 +378,7 @@ def cifar_plain(data_dir: Path, steps: int) -> float:
             loss = loss_fn(net(x), labels[idx]) + model.regularization_loss()
             loss.backward()
             optimizer.step()
+        synchronize()
     return steps * CIFAR_BATCH / (time.perf_counter() - start)
 
 
@@ -371,10 +390,13 @@ def cifar_template(data_dir: Path, steps: int) -> float:
     class StepTimer(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == CIFAR_WARMUP:
+                synchronize()
                 self.start = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.end = time.perf_counter()
+            if batch_idx == CIFAR_WARMUP + steps - 1:
+                synchronize()
+                self.end = time.perf_counter()
 
     timer = StepTimer()
     fit_config(
@@ -390,20 +412,22 @@ def cifar_loader(data_dir: Path, steps: int, sample_augment: bool = False) -> fl
     from unittest import mock
 
     dm = cifar_datamodule(data_dir, sample_augment)
-    dm.trainer = mock.Mock(training=True, strategy=mock.Mock(root_device=torch.device("cpu")))
+    dm.trainer = mock.Mock(training=True, strategy=mock.Mock(root_device=device()))
     dm.trainer._accelerator_connector.use_distributed_sampler = False
     batches = iter(dm.train_dataloader())
     count, start = 0, 0.0
     for step in range(CIFAR_WARMUP + steps):
         if step == CIFAR_WARMUP:
+            synchronize()
             start = time.perf_counter()
         try:
             batch = next(batches)
         except StopIteration:
             batches = iter(dm.train_dataloader())
             batch = next(batches)
-        x, _ = dm.on_after_batch_transfer(batch, 0)
+        x, _ = dm.on_after_batch_transfer([t.to(device(), non_blocking=True) for t in batch], 0)
         count += len(x) if step >= CIFAR_WARMUP else 0
+    synchronize()
     return count / (time.perf_counter() - start)
 
 
