@@ -23,6 +23,10 @@ speed between process launches no longer lands on one pipeline only.
   files, torchmetrics, CSV + TensorBoard logging, checkpointing, early stopping and EMA curves (progress bar off).
 - ``per_sample``: the common torchvision path: uint8 array -> PIL image -> ToTensor -> Normalize per sample, default
   collate, then the same plain loop.
+- ``per_sample_lightning``: the same data path under Lightning, with a module in the style of
+  lightning-hydra-template's MNIST module (torchmetrics accuracy and mean loss called and logged at every step,
+  ``ReduceLROnPlateau``, best-model checkpointing and early stopping; no logger or progress bar): the kind of
+  pipeline the issue's "per-sample" anchor is.
 
 A second table pairs epochs instead of runs: each epoch of ``lightning_minimal`` and ``template`` is followed, in
 the same process, by one epoch of the plain loop, and the ratio is the median over those pairs. On this VM, whose
@@ -67,7 +71,7 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINES = ("plain", "lightning_minimal", "template", "per_sample")
+PIPELINES = ("plain", "lightning_minimal", "template", "per_sample", "per_sample_lightning")
 CIFAR_PIPELINES = ("plain", "template", "loader", "loader_albumentations")
 BATCH = 128
 CIFAR_BATCH = 32
@@ -176,9 +180,10 @@ def run_plain(data_dir: Path, val_size: int, epochs: int) -> list[float]:
     return [loop.epoch() for _ in range(epochs)]
 
 
-def run_per_sample(data_dir: Path, val_size: int, epochs: int) -> list[float]:
+def per_sample_datasets(data_dir: Path, val_size: int):
+    """Training and validation sets decoded per sample: uint8 array -> PIL image -> ToTensor -> Normalize."""
     from PIL import Image
-    from torch.utils.data import DataLoader, Dataset
+    from torch.utils.data import Dataset
     from torchvision import transforms
 
     x_train, y_train, x_val, y_val = load_split(data_dir, val_size)
@@ -194,7 +199,13 @@ def run_per_sample(data_dir: Path, val_size: int, epochs: int) -> list[float]:
         def __getitem__(self, i):
             return transform(Image.fromarray(self.images[i], mode="L")), self.labels[i]
 
-    train, val = PerSample(x_train, y_train), PerSample(x_val, y_val)
+    return PerSample(x_train, y_train), PerSample(x_val, y_val)
+
+
+def run_per_sample(data_dir: Path, val_size: int, epochs: int) -> list[float]:
+    from torch.utils.data import DataLoader
+
+    train, val = per_sample_datasets(data_dir, val_size)
     val_x = torch.stack([val[i][0] for i in range(len(val))])  # built once, outside the timing
     loader = DataLoader(train, batch_size=BATCH, shuffle=True)
 
@@ -272,6 +283,57 @@ def run_lightning_minimal(data_dir: Path, val_size: int, epochs: int, timer=None
         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], num_sanity_val_steps=0,
     )  # fmt: skip
     trainer.fit(Minimal(), Batches(x_train, y_train, True), Batches(x_val, y_val, False))
+    return timer.seconds
+
+
+def run_per_sample_lightning(data_dir: Path, val_size: int, epochs: int, timer=None) -> list[float]:
+    """The per-sample pipeline under Lightning, with a module in the style of lightning-hydra-template's MNIST
+    module: torchmetrics accuracy and mean loss called and ``self.log``-ged at every step (epoch aggregation),
+    ``ReduceLROnPlateau`` on the validation loss, checkpointing of the best model and early stopping."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+    from torch.utils.data import DataLoader
+    from torchmetrics import MeanMetric
+    from torchmetrics.classification import MulticlassAccuracy
+
+    train, val = per_sample_datasets(data_dir, val_size)
+
+    class PerStepLogging(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = book_mlp()
+            self.train_acc, self.val_acc = MulticlassAccuracy(10), MulticlassAccuracy(10)
+            self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
+
+        def _step(self, batch, stage):
+            x, y = batch
+            logits = self.net(x)
+            loss = nn.functional.cross_entropy(logits, y)
+            getattr(self, f"{stage}_loss")(loss)
+            getattr(self, f"{stage}_acc")(logits.argmax(1), y)
+            self.log(f"{stage}/loss", getattr(self, f"{stage}_loss"), on_step=False, on_epoch=True, prog_bar=True)
+            self.log(f"{stage}/acc", getattr(self, f"{stage}_acc"), on_step=False, on_epoch=True, prog_bar=True)
+            return loss
+
+        def training_step(self, batch, batch_idx):
+            return self._step(batch, "train")
+
+        def validation_step(self, batch, batch_idx):
+            self._step(batch, "val")
+
+        def configure_optimizers(self):
+            optimizer = torch.optim.Adam(self.parameters(), lr=1e-3, eps=1e-7)
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=10)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss"}}
+
+    timer = timer or epoch_timer()
+    callbacks = [ModelCheckpoint(monitor="val/acc", mode="max"), EarlyStopping(monitor="val/loss"), timer]
+    trainer = pl.Trainer(
+        max_epochs=epochs, accelerator="auto", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0, default_root_dir=os.getcwd(),
+    )  # fmt: skip
+    loaders = DataLoader(train, batch_size=BATCH, shuffle=True), DataLoader(val, batch_size=BATCH)
+    trainer.fit(PerStepLogging(), *loaders)
     return timer.seconds
 
 
@@ -459,7 +521,8 @@ def run_pipeline(
     if suite == "paired":
         return run_paired(pipeline, data_dir, val_size, epochs)
     runs = {"plain": run_plain, "lightning_minimal": run_lightning_minimal, "template": run_template}
-    seconds = {**runs, "per_sample": run_per_sample}[pipeline](data_dir, val_size, epochs)
+    runs.update(per_sample=run_per_sample, per_sample_lightning=run_per_sample_lightning)
+    seconds = runs[pipeline](data_dir, val_size, epochs)
     return min(seconds[1:] or seconds)
 
 
@@ -541,7 +604,8 @@ def mnist_suite(quick: bool, reps: int, epochs: int, same_process: bool) -> None
         f"torch threads {torch.get_num_threads()}\n"
     )
     medians = print_table(values, "s / epoch", higher_is_better=False, digits=3)
-    print(f"\nper_sample / template (medians): {medians['per_sample'] / medians['template']:.2f}x")
+    for reference in ("per_sample", "per_sample_lightning"):
+        print(f"\n{reference} / template (medians): {medians[reference] / medians['template']:.2f}x")
     print(
         f"\nThe same Lightning pipelines with every epoch followed by one epoch of the plain loop in the same process "
         f"({runs_text(reps, same_process)}; the pairs of epochs 2-{epochs}): a change of the machine's speed between "

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = {
-    "mnist": ["plain", "lightning_minimal", "template", "per_sample"],
+    "mnist": ["plain", "lightning_minimal", "template", "per_sample", "per_sample_lightning"],
     "cifar": ["plain", "template", "loader", "loader_albumentations"],
 }
 
