@@ -357,6 +357,13 @@ def run_template(data_dir: Path, val_size: int, epochs: int, timer=None) -> list
     return timer.seconds
 
 
+MNIST_RUNS = {
+    "plain": run_plain,
+    "lightning_minimal": run_lightning_minimal,
+    "template": run_template,
+    "per_sample": run_per_sample,
+    "per_sample_lightning": run_per_sample_lightning,
+}
 PAIRED_PIPELINES = ("lightning_minimal", "template")
 
 
@@ -364,7 +371,7 @@ def run_paired(pipeline: str, data_dir: Path, val_size: int, epochs: int) -> lis
     """``[pipeline seconds, plain seconds]`` for each epoch after the first of a Lightning pipeline, each epoch
     followed by one epoch of the plain loop in the same process."""
     timer = epoch_timer(plain_loop(data_dir, val_size))
-    {"lightning_minimal": run_lightning_minimal, "template": run_template}[pipeline](data_dir, val_size, epochs, timer)
+    MNIST_RUNS[pipeline](data_dir, val_size, epochs, timer)
     pairs = [list(pair) for pair in zip(timer.seconds, timer.reference_seconds, strict=True)]
     return pairs[1:] or pairs
 
@@ -520,9 +527,7 @@ def run_pipeline(
         return CIFAR_RUNS[pipeline](data_dir, steps)
     if suite == "paired":
         return run_paired(pipeline, data_dir, val_size, epochs)
-    runs = {"plain": run_plain, "lightning_minimal": run_lightning_minimal, "template": run_template}
-    runs.update(per_sample=run_per_sample, per_sample_lightning=run_per_sample_lightning)
-    seconds = runs[pipeline](data_dir, val_size, epochs)
+    seconds = MNIST_RUNS[pipeline](data_dir, val_size, epochs)
     return min(seconds[1:] or seconds)
 
 
