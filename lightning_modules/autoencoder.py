@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_modules.base import TemplateModule, check_input_shape, optimizers_from_factories
-from lightning_modules.layers import Conv2dSame, InitName, keras_batch_norm, keras_init_
+from lightning_modules.layers import Conv2dSame, Dropout, InitName, keras_batch_norm, keras_init_
 
 AETask = Literal["reconstruct", "denoise", "colorize"]
 BlockStyle = Literal["strided", "bn_pool"]
@@ -128,7 +128,7 @@ def classifier_head(latent_dim: int, hidden: Sequence[int], dropout: float, num_
     layers: list[nn.Module] = []
     width = latent_dim
     for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
+        layers += [nn.Linear(width, h), nn.ReLU(), Dropout(dropout)]
         width = h
     return nn.Sequential(*layers, nn.Linear(width, num_classes))
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_modules.base import ClassificationModule
-from lightning_modules.layers import Conv2dSame, he_normal_init_, keras_batch_norm
+from lightning_modules.layers import Conv2dSame, Dropout, he_normal_init_, keras_batch_norm
 
 
 def bn_relu_conv(in_channels: int, out_channels: int, kernel_size: int, dropout: float) -> nn.Sequential:
@@ -36,7 +36,7 @@ def bn_relu_conv(in_channels: int, out_channels: int, kernel_size: int, dropout:
         bn=keras_batch_norm(in_channels), act=nn.ReLU(), conv=Conv2dSame(in_channels, out_channels, kernel_size)
     )
     if dropout > 0:
-        layers["drop"] = nn.Dropout(dropout)
+        layers["drop"] = Dropout(dropout)
     return nn.Sequential(layers)
 
 
@@ -91,7 +91,7 @@ class Transition(nn.Sequential):
     def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
         layers = OrderedDict(bn=keras_batch_norm(in_channels), conv=Conv2dSame(in_channels, out_channels, 1))
         if dropout > 0:
-            layers["drop"] = nn.Dropout(dropout)
+            layers["drop"] = Dropout(dropout)
         layers["pool"] = nn.AvgPool2d(2)
         super().__init__(layers)
         self.in_channels, self.out_channels = in_channels, out_channels

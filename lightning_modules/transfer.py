@@ -74,7 +74,7 @@ from torch.utils.data import DataLoader
 from torchvision.models import WeightsEnum
 
 from lightning_modules.base import ClassificationModule, warn_if_narrow
-from lightning_modules.layers import keras_init_
+from lightning_modules.layers import Dropout, keras_init_
 
 Mode = Literal["feature_extraction", "frozen", "finetune"]
 Pool = Literal["avg", "flatten"]
@@ -377,7 +377,7 @@ def dense_head(in_features: int, units: Sequence[int], dropout: float, out_featu
     """[Dense -> ReLU -> Dropout] per hidden width -> Dense (the book: Dense 256 ReLU -> Dropout .5 -> Dense)."""
     layers: list[nn.Module] = []
     for width in units:
-        layers += [nn.Linear(in_features, width), nn.ReLU(), nn.Dropout(dropout)]
+        layers += [nn.Linear(in_features, width), nn.ReLU(), Dropout(dropout)]
         in_features = width
     return nn.Sequential(*layers, nn.Linear(in_features, out_features))
 

@@ -71,7 +71,7 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINES = ("plain", "lightning_minimal", "template", "per_sample", "per_sample_lightning")
+PIPELINES = ("plain", "plain_template_kernels", "lightning_minimal", "template", "per_sample", "per_sample_lightning")
 CIFAR_PIPELINES = ("plain", "template", "loader", "loader_albumentations")
 BATCH = 128
 CIFAR_BATCH = 32
@@ -109,10 +109,15 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def book_mlp() -> nn.Module:
-    from lightning_modules.mlp import MLP
+def book_mlp(template_kernels: bool = False) -> nn.Module:
+    """The book MLP in plain ``torch.nn`` layers, or with ``template_kernels`` the template's own ``MLP`` (its
+    :class:`~lightning_modules.layers.Dropout`, faster on the CPU)."""
+    if template_kernels:
+        from lightning_modules.mlp import MLP
 
-    return MLP(784, (256, 256), 10, dropout=0.45, act="relu")
+        return MLP(784, (256, 256), 10, dropout=0.45, act="relu")
+    hidden = [nn.Linear(784, 256), nn.ReLU(), nn.Dropout(0.45), nn.Linear(256, 256), nn.ReLU(), nn.Dropout(0.45)]
+    return nn.Sequential(nn.Flatten(), *hidden, nn.Linear(256, 10))
 
 
 @contextlib.contextmanager
@@ -132,12 +137,15 @@ def as_without_lightning():
 
 
 class PlainLoop:
-    """The book MLP trained and validated by a hand-written loop, one epoch per :meth:`epoch` call."""
+    """The book MLP trained and validated by a hand-written loop, one epoch per :meth:`epoch` call; PyTorch's
+    defaults, or with ``template_kernels`` the kernels the template's config picks (its dropout, fused Adam)."""
 
-    def __init__(self, batches_of, n_train: int, x_val: torch.Tensor, y_val: torch.Tensor) -> None:
+    def __init__(
+        self, batches_of, n_train: int, x_val: torch.Tensor, y_val: torch.Tensor, template_kernels: bool = False
+    ) -> None:
         self.batches_of, self.n_train, self.x_val, self.y_val = batches_of, n_train, x_val, y_val
-        self.model = book_mlp().to(device())
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, eps=1e-7)
+        self.model = book_mlp(template_kernels).to(device())
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, eps=1e-7, fused=template_kernels or None)
         self.loss_fn = nn.CrossEntropyLoss()
 
     def epoch(self) -> float:
@@ -161,7 +169,7 @@ class PlainLoop:
             return time.perf_counter() - start
 
 
-def plain_loop(data_dir: Path, val_size: int) -> PlainLoop:
+def plain_loop(data_dir: Path, val_size: int, template_kernels: bool = False) -> PlainLoop:
     """The plain reference: batches cut from pre-normalised float tensors in the device's memory."""
     x_train, y_train, x_val, y_val = (t.to(device()) for t in load_split(data_dir, val_size))
     x_train, x_val = x_train.float() / 255, x_val.float() / 255
@@ -172,11 +180,11 @@ def plain_loop(data_dir: Path, val_size: int) -> PlainLoop:
             idx = perm[i : i + BATCH]
             yield x_train[idx], y_train[idx]
 
-    return PlainLoop(batches, len(x_train), x_val, y_val)
+    return PlainLoop(batches, len(x_train), x_val, y_val, template_kernels)
 
 
-def run_plain(data_dir: Path, val_size: int, epochs: int) -> list[float]:
-    loop = plain_loop(data_dir, val_size)
+def run_plain(data_dir: Path, val_size: int, epochs: int, template_kernels: bool = False) -> list[float]:
+    loop = plain_loop(data_dir, val_size, template_kernels)
     return [loop.epoch() for _ in range(epochs)]
 
 
@@ -217,15 +225,15 @@ def run_per_sample(data_dir: Path, val_size: int, epochs: int) -> list[float]:
     return [loop.epoch() for _ in range(epochs)]
 
 
-def epoch_timer(reference: PlainLoop | None = None):
-    """A Lightning callback timing each training epoch; with a ``reference``, each timed epoch is followed by one
-    epoch of that loop (built here: Lightning is imported in the child only)."""
+def epoch_timer(references: tuple[PlainLoop, ...] = ()):
+    """A Lightning callback timing each training epoch; with ``references``, each timed epoch is followed by one
+    epoch of each of those loops (built here: Lightning is imported in the child only)."""
     from pytorch_lightning.callbacks import Callback
 
     class EpochTimer(Callback):
         def __init__(self) -> None:
             self.seconds: list[float] = []
-            self.reference_seconds: list[float] = []
+            self.reference_seconds: list[list[float]] = []
 
         def on_train_epoch_start(self, trainer, pl_module):
             synchronize()
@@ -234,8 +242,8 @@ def epoch_timer(reference: PlainLoop | None = None):
         def on_train_epoch_end(self, trainer, pl_module):  # Lightning 2: after the epoch's validation
             synchronize()
             self.seconds.append(time.perf_counter() - self.start)
-            if reference is not None:
-                self.reference_seconds.append(reference.epoch())
+            if references:
+                self.reference_seconds.append([reference.epoch() for reference in references])
 
     return EpochTimer()
 
@@ -359,6 +367,7 @@ def run_template(data_dir: Path, val_size: int, epochs: int, timer=None) -> list
 
 MNIST_RUNS = {
     "plain": run_plain,
+    "plain_template_kernels": lambda data_dir, val_size, epochs: run_plain(data_dir, val_size, epochs, True),
     "lightning_minimal": run_lightning_minimal,
     "template": run_template,
     "per_sample": run_per_sample,
@@ -368,11 +377,11 @@ PAIRED_PIPELINES = ("lightning_minimal", "template")
 
 
 def run_paired(pipeline: str, data_dir: Path, val_size: int, epochs: int) -> list[list[float]]:
-    """``[pipeline seconds, plain seconds]`` for each epoch after the first of a Lightning pipeline, each epoch
-    followed by one epoch of the plain loop in the same process."""
-    timer = epoch_timer(plain_loop(data_dir, val_size))
+    """``[pipeline seconds, plain seconds, plain_template_kernels seconds]`` for each epoch after the first of a
+    Lightning pipeline, each epoch followed by one epoch of each plain loop in the same process."""
+    timer = epoch_timer((plain_loop(data_dir, val_size), plain_loop(data_dir, val_size, template_kernels=True)))
     MNIST_RUNS[pipeline](data_dir, val_size, epochs, timer)
-    pairs = [list(pair) for pair in zip(timer.seconds, timer.reference_seconds, strict=True)]
+    pairs = [[mine, *plain] for mine, plain in zip(timer.seconds, timer.reference_seconds, strict=True)]
     return pairs[1:] or pairs
 
 
@@ -556,7 +565,10 @@ def alternate(suite: str, pipelines: tuple[str, ...], reps: int, **kwargs) -> di
         for pipeline in pipelines:
             values[pipeline].append(measure(suite, pipeline, **kwargs))
             value = values[pipeline][-1]
-            shown = f"{value:.3f}" if isinstance(value, float) else " ".join(f"{a:.3f}/{b:.3f}" for a, b in value)
+            if isinstance(value, float):
+                shown = f"{value:.3f}"
+            else:  # paired: the seconds of each epoch and of the plain epochs after it
+                shown = " ".join("/".join(f"{v:.3f}" for v in epoch) for epoch in value)
             print(f"{suite} rep {rep + 1}/{reps} {pipeline}: {shown}", file=sys.stderr)
     return values
 
@@ -576,15 +588,21 @@ def print_table(values: dict[str, list[float]], unit: str, higher_is_better: boo
 
 
 def print_paired_table(pairs: dict[str, list[list[list[float]]]]) -> None:
-    """Markdown table of paired epochs: each pipeline epoch over the plain-loop epoch run right after it."""
-    print("| pipeline | s / epoch, median | plain loop s / epoch, median | vs plain loop, median of pairs | range |")
-    print("| --- | --- | --- | --- | --- |")
+    """Markdown table of paired epochs: each pipeline epoch over the epochs of the two plain loops run right after
+    it (``plain``, then ``plain_template_kernels``)."""
+    print(
+        "| pipeline | s / epoch, median | plain loop s / epoch, median | vs plain loop, median of pairs | range "
+        "| plain loop with the template's kernels, s / epoch | vs it, median of pairs | range |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for p, runs in pairs.items():
-        flat = [pair for run in runs for pair in run]
-        ratios = [mine / plain for mine, plain in flat]
-        mine, plain = (statistics.median(column) for column in zip(*flat, strict=True))
-        ratio = statistics.median(ratios)
-        print(f"| {p} | {mine:.3f} | {plain:.3f} | {ratio:.2f} | {min(ratios):.2f}-{max(ratios):.2f} |")
+        epochs = [epoch for run in runs for epoch in run]
+        cells = [f"{statistics.median(e[0] for e in epochs):.3f}"]
+        for ref in (1, 2):
+            ratios = [e[0] / e[ref] for e in epochs]
+            cells += [f"{statistics.median(e[ref] for e in epochs):.3f}", f"{statistics.median(ratios):.2f}"]
+            cells.append(f"{min(ratios):.2f}-{max(ratios):.2f}")
+        print(f"| {p} | {' | '.join(cells)} |")
 
 
 def runs_text(reps: int, same_process: bool) -> str:
@@ -609,10 +627,10 @@ def mnist_suite(quick: bool, reps: int, epochs: int, same_process: bool) -> None
         f"torch threads {torch.get_num_threads()}\n"
     )
     medians = print_table(values, "s / epoch", higher_is_better=False, digits=3)
-    for reference in ("per_sample", "per_sample_lightning"):
+    for reference in ("per_sample", "per_sample_lightning", "plain_template_kernels"):
         print(f"\n{reference} / template (medians): {medians[reference] / medians['template']:.2f}x")
     print(
-        f"\nThe same Lightning pipelines with every epoch followed by one epoch of the plain loop in the same process "
+        f"\nThe same Lightning pipelines with every epoch followed by one epoch of each plain loop in the same process "
         f"({runs_text(reps, same_process)}; the pairs of epochs 2-{epochs}): a change of the machine's speed between "
         "runs or launches hits both sides of a pair alike.\n"
     )

@@ -13,7 +13,7 @@ from torch import nn
 
 from datamodules import DigitsDataModule
 from lightning_modules import CNNClassifier, MLPClassifier, RNNClassifier, YNetworkClassifier
-from lightning_modules.layers import LockedDropout, activation, keras_init_
+from lightning_modules.layers import Dropout, LockedDropout, activation, keras_init_
 from lightning_modules.losses import task_loss
 
 
@@ -82,6 +82,31 @@ def test_locked_dropout_uses_one_mask_per_sequence():
     assert torch.equal(zero, zero[:, :1].expand_as(zero))  # the same units dropped at every step
     assert torch.allclose(out[~zero], torch.tensor(2.0))  # inverted-dropout scaling
     assert torch.equal(drop.eval()(torch.ones(2, 3, 4)), torch.ones(2, 3, 4))
+
+
+@pytest.mark.parametrize("p", [0.2, 0.45, 0.8])
+def test_dropout_cpu_mask_drops_p_and_scales_the_rest(p):
+    torch.manual_seed(0)
+    drop = Dropout(p).train()
+    x = (torch.rand(256, 512) + 0.5).requires_grad_()
+    out = drop(x)
+    kept = out != 0
+    assert abs((~kept).float().mean().item() - p) < 0.01  # 131k draws: the dropped share is p within 1 %
+    assert torch.allclose(out[kept], x[kept] / (1 - p))  # inverted-dropout scaling
+    out.sum().backward()
+    assert torch.allclose(x.grad, kept.float() / (1 - p))  # gradient flows through kept units only
+    assert isinstance(drop, nn.Dropout) and not list(drop.state_dict())  # drop-in for nn.Dropout
+
+
+def test_dropout_edge_rates_and_eval_match_torch():
+    x = torch.rand(8, 16) + 0.5
+    assert torch.equal(Dropout(0.5).eval()(x), x)
+    assert torch.equal(Dropout(0.0).train()(x), x)
+    assert torch.count_nonzero(Dropout(1.0).train()(x)) == 0
+    torch.manual_seed(1)
+    in_place = x.clone()
+    Dropout(0.5, inplace=True).train()(in_place)
+    assert (in_place == 0).any() and not (x == 0).any()
 
 
 def test_keras_init():
