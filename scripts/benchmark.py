@@ -16,7 +16,11 @@ from one launch to the next, and the fastest repetition is the one least disturb
 repetition in the benchmark's own process instead (the pipelines still alternate), so a change of the machine's
 speed between process launches no longer lands on one pipeline only.
 
-- ``plain``: a hand-written loop over pre-normalised float tensors already in memory (the floor).
+- ``plain``: a hand-written loop over pre-normalised float tensors already in memory, with PyTorch's defaults
+  (``nn.Dropout``, ``torch.optim.Adam``): the floor a researcher writes.
+- ``plain_template_kernels``: the same loop with the two kernels the template picks, its CPU dropout
+  (``lightning_modules.layers.Dropout``) and fused Adam: against it, the template's ratio is the cost of Lightning
+  and of the template's logging, metrics and callbacks alone.
 - ``lightning_minimal``: the same model, data and validation in a minimal LightningModule run by a bare
   ``Trainer`` (no metric objects, logging, callbacks or checkpoints): Lightning's own per-step cost.
 - ``template``: ``configs/mnist/mlp.yaml`` through the CLI, i.e. the real experiment: MNISTDataModule reading IDX
@@ -29,7 +33,7 @@ speed between process launches no longer lands on one pipeline only.
   pipeline the issue's "per-sample" anchor is.
 
 A second table pairs epochs instead of runs: each epoch of ``lightning_minimal`` and ``template`` is followed, in
-the same process, by one epoch of the plain loop, and the ratio is the median over those pairs. On this VM, whose
+the same process, by one epoch of each plain loop, and each ratio is the median over those pairs. On this VM, whose
 speed drifts by tens of percent between launches and over minutes, it is the steadier of the two ratios.
 
 The plain loops run as in a process without Lightning: importing Lightning makes ``torch.cuda.is_available()`` an
@@ -145,7 +149,8 @@ class PlainLoop:
     ) -> None:
         self.batches_of, self.n_train, self.x_val, self.y_val = batches_of, n_train, x_val, y_val
         self.model = book_mlp(template_kernels).to(device())
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, eps=1e-7, fused=template_kernels or None)
+        fused = True if template_kernels else None  # None: PyTorch's default choice
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3, eps=1e-7, fused=fused)
         self.loss_fn = nn.CrossEntropyLoss()
 
     def epoch(self) -> float:
