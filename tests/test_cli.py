@@ -39,6 +39,32 @@ def test_every_config_instantiates(config):
         assert cli.model.hparams.num_classes == cli.datamodule.num_classes
 
 
+def optimizer_specs(node):
+    """Every ``{class_path: torch.optim..., init_args: ...}`` in a parsed config."""
+    if isinstance(node, dict):
+        if str(node.get("class_path", "")).startswith("torch.optim."):
+            yield node["class_path"], node.get("init_args") or {}
+        for value in node.values():
+            yield from optimizer_specs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from optimizer_specs(value)
+
+
+def test_every_adam_config_uses_the_fused_kernel():
+    """README, Speed: one kernel per update (2.6x faster than the per-parameter loop for the MNIST MLP on a CPU)."""
+    adams = [
+        (config.name, args)
+        for config in EXPERIMENTS
+        for path, args in optimizer_specs(yaml.safe_load(config.read_text()))
+        if path in ("torch.optim.Adam", "torch.optim.AdamW")
+    ]
+    assert len(adams) >= 10
+    assert [name for name, args in adams if args.get("fused") is not True] == []
+    cli = main(["-c", str(ROOT / "configs/mnist/mlp.yaml")], run=False)
+    assert cli.model.configure_optimizers().defaults["fused"] is True  # and it reaches the optimiser
+
+
 def test_wandb_snippet_appends_a_logger():
     cli = main(["-c", str(ROOT / "configs/mnist/cnn.yaml"), "-c", str(ROOT / "configs/logger/wandb.yaml")], run=False)
     names = [type(logger).__name__ for logger in cli.trainer.loggers]
