@@ -70,8 +70,10 @@ def dropout_mask(like: Tensor, shape: tuple[int, ...], p: float) -> Tensor:
     Same distribution; other devices keep ``bernoulli_``.
     """
     if like.device.type == "cpu":
-        return torch.rand(shape, dtype=like.dtype, device=like.device).ge_(p).mul_(1.0 / (1.0 - p))
-    return like.new_empty(shape).bernoulli_(1.0 - p).mul_(1.0 / (1.0 - p))
+        keep = torch.rand(shape, dtype=like.dtype, device=like.device).ge_(p)
+    else:
+        keep = like.new_empty(shape).bernoulli_(1.0 - p)
+    return keep.mul_(1.0 / (1.0 - p))
 
 
 class Dropout(nn.Dropout):
