@@ -1,20 +1,23 @@
 """Callbacks of the template: learning-rate control, smoothed curves, trend-based stopping, convnet visualisation
 (activation maps, filter patterns, Grad-CAM), confusion matrices, generative-model pictures and scores, image
-logging, checkpoint safety and resumable runs, and a profiler that costs nothing when none is asked for.
+logging, checkpoint safety and resumable runs (``callbacks.runs`` owns a run's directory), a guard against NaN losses,
+the predictions table, and a profiler that costs nothing when none is asked for.
 
 Every callback is safe under DDP: files and images are written by global rank zero only.
 """
 
 from callbacks.activations import ActivationMaps
 from callbacks.batch_scaling import GlobalBatchSize
-from callbacks.checkpointing import AtomicCheckpointIO, ResumeState
+from callbacks.checkpointing import AtomicCheckpointIO, LastCheckpoint, ResumeState
 from callbacks.confusion import ConfusionMatrix
 from callbacks.ema import SmoothedCurves
 from callbacks.filters import FilterPatterns, filter_patterns
 from callbacks.generative import ConditionalAccuracy, GANSamples, LatentSpace, PredictionGrid, ReconstructionGrid
 from callbacks.gradcam import GradCAM, grad_cam
+from callbacks.guards import FiniteLossGuard
 from callbacks.images import run_dir, save_and_log_figure
 from callbacks.lr import EpochLRSchedule, ReduceLROnPlateau
+from callbacks.predictions import PredictionWriter
 from callbacks.profiler import NullProfiler
 from callbacks.slurm import SafeRequeue
 from callbacks.trend_stopping import TrendDivergenceStopping
@@ -26,12 +29,15 @@ __all__ = [
     "ConfusionMatrix",
     "EpochLRSchedule",
     "FilterPatterns",
+    "FiniteLossGuard",
     "GANSamples",
     "GlobalBatchSize",
     "GradCAM",
+    "LastCheckpoint",
     "LatentSpace",
     "NullProfiler",
     "PredictionGrid",
+    "PredictionWriter",
     "ReconstructionGrid",
     "ReduceLROnPlateau",
     "ResumeState",

@@ -1,27 +1,32 @@
-"""Fault tolerance: crash-safe checkpoint writes, exact resumes, and clear errors for unusable checkpoints.
+"""Checkpoint files: crash-safe writes, an always-fresh ``last.ckpt``, exact resumes, and clear errors.
 
 - :class:`AtomicCheckpointIO` writes every checkpoint to a temporary file next to the target, flushes and
-  fsyncs it, then renames it over the target: a crash while saving never damages the previous ``last.ckpt``.
+  fsyncs it, then renames it over the target: a crash while saving never damages the previous ``last.ckpt``;
+  a full disk is reported as such. :func:`remove_partial_saves` deletes what a killed save left behind.
+- :class:`LastCheckpoint` keeps ``checkpoints/last.ckpt`` the end of the newest finished epoch (and, if asked,
+  the newest mid-epoch state), whatever the monitored metric does.
 - :class:`ResumeState` saves what Lightning's checkpoints leave out for an exact resume: the random-number
-  states of every rank (dropout masks) and how many rows ``metrics.csv`` had. With the datamodules'
-  :class:`~datamodules.base.ResumableDataLoader` (data order and position) a run killed mid-epoch and resumed
-  from its last checkpoint ends with the same weights as an uninterrupted run (on CPU, deterministic ops).
+  states of every rank (dropout masks), how many rows ``metrics.csv`` had and which run directory wrote it.
+  With the datamodules' :class:`~datamodules.base.ResumableDataLoader` (data order and position) a run killed
+  mid-epoch and resumed from its last checkpoint ends with the same weights as an uninterrupted run (on CPU,
+  deterministic ops).
 - :func:`read_checkpoint` loads a checkpoint without executing pickled code (``weights_only=True``) and turns
   a damaged, truncated or unsafe file into one paragraph naming the file and the fix.
-- :func:`continue_run_dir` makes a resumed fit write into the run directory of the interrupted one.
 
-:func:`install_fault_tolerance` adds the first two to a Trainer; ``scripts/train.py`` does it for every run.
+``scripts/train.py`` installs them on every run (see :mod:`callbacks.runs`, which owns a run's directory).
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import os
 import random
 import re
+import shutil
 import uuid
-import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +35,22 @@ import pytorch_lightning as pl
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning_fabric.utilities.cloud_io import get_filesystem
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.callbacks import Callback, Checkpoint, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
-from pytorch_lightning.utilities import rank_zero_only
+
+from callbacks.images import run_dir
 
 __all__ = [
     "UNSAFE_LOAD_OPT_IN",
     "AtomicCheckpointIO",
     "CheckpointError",
+    "DiskFullError",
+    "LastCheckpoint",
     "ResumeState",
-    "continue_run_dir",
     "install_fault_tolerance",
     "read_checkpoint",
+    "remove_partial_saves",
 ]
 
 # PyTorch's own switch for loading checkpoints with full pickle (it can run arbitrary code): set it to 1 only
@@ -54,14 +62,36 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message names the file, the cause and the fix."""
 
 
+class DiskFullError(OSError):
+    """A checkpoint could not be written because its disk is full; the previous checkpoints are intact."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` or an exception it was raised from is a full disk or quota (``ENOSPC``/``EDQUOT``).
+
+    torch's zip writer reports a short write as ``RuntimeError: ... unexpected pos ...`` with the ``OSError``
+    only in the exception's context, so the whole chain is searched, the message text included.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` whose saves replace the target file atomically, or not at all.
 
     The checkpoint is written to a hidden temporary file in the target's directory, flushed and fsynced, then
     renamed onto the target with ``os.replace`` (atomic on POSIX and Windows), and the directory is fsynced so
     the rename survives a power loss. A crash, a full disk or a kill during the write leaves the previous file
-    intact, and the temporary file is removed when Python gets the chance. Paths on remote filesystems
-    (``s3://``, ...) fall back to Lightning's own transactional write.
+    intact, and the temporary file is removed when Python gets the chance (:func:`remove_partial_saves` removes
+    what a SIGKILL leaves). A full disk raises :class:`DiskFullError` naming the file and the free space. Paths
+    on remote filesystems (``s3://``, ...) fall back to Lightning's own transactional write.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
@@ -70,18 +100,42 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+        temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
         try:
             with open(temporary, "xb") as file:  # "x": never clobbers; permissions follow the umask
                 torch.save(checkpoint, file)
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temporary, target)
-        except BaseException:
+        except BaseException as error:
             with contextlib.suppress(OSError):
                 temporary.unlink()
+            if is_disk_full(error) or (isinstance(error, RuntimeError) and "unexpected pos" in str(error)):
+                free = shutil.disk_usage(target.parent).free / 2**20
+                raise DiskFullError(
+                    errno.ENOSPC,
+                    f"The disk is full: checkpoint {target} could not be written ({free:.0f} MiB free on its disk). "
+                    "The previous checkpoints of the run are intact. Free some space (`df -h "
+                    f"{target.parent}` shows it), or write the runs elsewhere (the loggers' save_dir), then resume "
+                    "with --ckpt_path last.",
+                ) from None
             raise
         _fsync_directory(target.parent)
+
+
+PARTIAL_SUFFIX = ".tmp"
+_PARTIAL = re.compile(r"^\..+\.[0-9a-f]{8}" + re.escape(PARTIAL_SUFFIX) + "$")
+
+
+def remove_partial_saves(directory: str | Path) -> list[Path]:
+    """Delete the temporary files of :class:`AtomicCheckpointIO` saves that were killed (SIGKILL, power loss)
+    in ``directory``; returns them. Call it only while no other process saves there (the run's lock held)."""
+    directory = Path(directory)
+    partial = [p for p in directory.glob(".*" + PARTIAL_SUFFIX) if _PARTIAL.match(p.name)] if directory.is_dir() else []
+    for path in partial:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return partial
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -124,12 +178,10 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def _csv_rows(logger: CSVLogger) -> int | None:
-    """Data rows of ``logger``'s metrics.csv after flushing it, or None if it has not started writing."""
-    if logger._experiment is None:
-        return None
+def _csv_rows(logger: CSVLogger) -> int:
+    """Data rows of ``logger``'s metrics.csv after flushing it (0 before its first row)."""
     logger.save()
-    path = Path(logger.experiment.metrics_file_path)
+    path = Path(logger.log_dir) / "metrics.csv"
     if not path.is_file():
         return 0
     with path.open(newline="") as file:
@@ -140,11 +192,12 @@ class ResumeState(Callback):
     """Checkpoints the state an exact resume needs beyond Lightning's own (which omits RNG states).
 
     Saved with every checkpoint: the torch/CUDA/NumPy/Python RNG states of every rank (gathered to rank zero,
-    which writes the file) and the number of rows of each CSVLogger's metrics.csv, flushed at that moment.
-    On resume the RNG states are restored when training starts (after the sanity check, just before the first
-    batch), so the resumed run draws the same dropout masks as an uninterrupted one; a rank without a saved
-    state (more processes than before) takes rank zero's, which is what equal seeds give anyway.
-    :func:`continue_run_dir` uses the row counts to drop metrics logged after the checkpoint.
+    which writes the file), the number of rows of each CSVLogger's metrics.csv, flushed at that moment, and the
+    run directory (so that a checkpoint saved elsewhere, such as SLURM's ``hpc_ckpt_<n>.ckpt``, still names its
+    run). On resume the RNG states are restored when training starts (after the sanity check, just before the
+    first batch), so the resumed run draws the same dropout masks as an uninterrupted one; a rank without a
+    saved state (more processes than before) takes rank zero's, which is what equal seeds give anyway.
+    :mod:`callbacks.runs` uses the row counts and the directory to continue ``metrics.csv``.
     """
 
     def __init__(self) -> None:
@@ -160,9 +213,10 @@ class ResumeState(Callback):
             # Every rank saves a checkpoint together (Trainer.save_checkpoint ends in a barrier), rank zero writes.
             states = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(states, rng_states())
-        loggers = self._trainer.loggers if self._trainer is not None else []
-        csv_rows = [_csv_rows(logger) for logger in loggers if isinstance(logger, CSVLogger)]
-        return {"rng": states, "csv_rows": csv_rows}
+        if self._trainer is None:
+            return {"rng": states}
+        csv_rows = [_csv_rows(logger) for logger in self._trainer.loggers if isinstance(logger, CSVLogger)]
+        return {"rng": states, "csv_rows": csv_rows, "run_dir": str(run_dir(self._trainer).resolve())}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._to_restore = state_dict.get("rng")
@@ -174,8 +228,62 @@ class ResumeState(Callback):
             self._to_restore = None
 
 
+class LastCheckpoint(Checkpoint):
+    """Keep ``checkpoints/last.ckpt`` the newest state of the run, whatever the monitored metric does.
+
+    Lightning's ``ModelCheckpoint(save_last=True)`` refreshes ``last.ckpt`` only when it also saves a top-k
+    checkpoint (Lightning 2.6): a run whose metric stops improving leaves it at the best epoch, and
+    ``--ckpt_path last`` would resume or test stale weights. This callback saves it at the end of every training
+    epoch (after its validation, the moment ``ModelCheckpoint`` saves at, which Lightning resumes from exactly)
+    and, with ``every_n_train_steps``, every N optimiser steps inside an epoch, for long epochs. It writes beside
+    the first ``ModelCheckpoint``'s files (else ``<run dir>/checkpoints``) through the strategy's checkpoint IO
+    (atomic writes), and runs after every ``ModelCheckpoint`` so that ``last.ckpt`` knows the newest best.
+
+    Args:
+        every_n_train_steps: Also save every N optimiser steps inside an epoch (``None``: at epoch ends only).
+    """
+
+    FILENAME = "last.ckpt"
+
+    def __init__(self, every_n_train_steps: int | None = None) -> None:
+        if every_n_train_steps is not None and every_n_train_steps < 1:
+            raise ValueError(f"every_n_train_steps={every_n_train_steps}: give a positive number, or null.")
+        self.every_n_train_steps = every_n_train_steps
+        self.path: str | None = None
+        self._saved_step: int | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        best = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+        directory = best.dirpath if best is not None else None
+        path = Path(directory or run_dir(trainer) / "checkpoints") / self.FILENAME
+        self.path = trainer.strategy.broadcast(str(path))  # rank zero's directory is the one written
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        n = self.every_n_train_steps
+        # The last batch of an epoch is followed by the epoch-end save (after validation).
+        if n and trainer.global_step % n == 0 and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save(trainer)  # a run stopped between epoch ends (max_steps, max_time) keeps its last state too
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        if self.path is None or trainer.fast_dev_run or trainer.sanity_checking:
+            return
+        if self._saved_step == trainer.global_step:
+            return
+        trainer.save_checkpoint(self.path, weights_only=False)
+        self._saved_step = trainer.global_step
+
+
 def install_fault_tolerance(trainer: pl.Trainer) -> None:
-    """Give ``trainer`` atomic checkpoint writes and a :class:`ResumeState` callback, unless it has them.
+    """Give ``trainer`` atomic checkpoint writes, a :class:`ResumeState` and, when it checkpoints, a
+    :class:`LastCheckpoint` after its other checkpoint callbacks (each unless it has one).
 
     The checkpoint IO is replaced only when it is Lightning's default ``TorchCheckpointIO``: a CheckpointIO
     plugin of the user's (``--trainer.plugins``) or of the strategy is kept.
@@ -184,6 +292,13 @@ def install_fault_tolerance(trainer: pl.Trainer) -> None:
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     if not any(isinstance(callback, ResumeState) for callback in trainer.callbacks):
         trainer.callbacks.append(ResumeState())
+    last = [callback for callback in trainer.callbacks if isinstance(callback, LastCheckpoint)]
+    if not last and any(isinstance(callback, ModelCheckpoint) for callback in trainer.callbacks):
+        last = [LastCheckpoint()]
+    for callback in last:  # after every ModelCheckpoint, which updates its best path in the same hooks
+        if callback in trainer.callbacks:
+            trainer.callbacks.remove(callback)
+        trainer.callbacks.append(callback)
 
 
 # ---- loading -------------------------------------------------------------------------------------------------
@@ -203,7 +318,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=not _unsafe_load_allowed())
     except Exception as err:
-        if "weights only load failed" in str(err).lower():
+        # Checkpoints are zip archives: bytes that are not one (random data, a truncated file whose central
+        # directory is gone) fail in the fallback unpickler with a misleading "unsupported global" message.
+        if "weights only load failed" in str(err).lower() and zipfile.is_zipfile(path):
             found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
             detail = f"the first one: {found.group(1)}" if found else str(err).splitlines()[0]
             raise CheckpointError(
@@ -212,10 +329,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
                 f"template never need that. If you trust where the file comes from, set {UNSAFE_LOAD_OPT_IN}=1 "
                 "for this command to load it with full pickle."
             ) from None
-        # The first sentence of the cause, e.g. "PytorchStreamReader failed reading zip archive: failed finding
-        # central directory" for a truncated file.
-        cause = str(err).strip().split(". ")[0].splitlines()[0] if str(err).strip() else "the file ends early"
-        detail = f"{type(err).__name__}: {cause}"
+        # Else the first sentence of the cause, e.g. "PytorchStreamReader failed reading file data/0: ...".
+        if not zipfile.is_zipfile(path):
+            detail = "not a complete PyTorch checkpoint archive"
+        else:
+            cause = str(err).strip().split(". ")[0].splitlines()[0] if str(err).strip() else "the file ends early"
+            detail = f"{type(err).__name__}: {cause}"
         raise CheckpointError(
             f"Checkpoint {path} cannot be read: it is damaged or incomplete ({detail}); a crash, a full disk or "
             "an interrupted copy leaves files like this. Use an earlier checkpoint of the run instead: "
@@ -227,64 +346,3 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             "`fit` (ModelCheckpoint or Trainer.save_checkpoint), not a bare model state_dict."
         )
     return checkpoint
-
-
-# ---- continuing the interrupted run's directory -------------------------------------------------------------
-def _version_from_dir(name: str) -> int | str:
-    """``version_3`` -> 3 (loggers format ints as ``version_N``); any other directory name stays a string."""
-    number = name.removeprefix("version_")
-    return int(number) if name.startswith("version_") and number.isdigit() else name
-
-
-def continue_run_dir(trainer: pl.Trainer, ckpt_path: str | Path, checkpoint: dict[str, Any]) -> Path | None:
-    """Make a fit resumed from ``ckpt_path`` log into the run directory of the run that wrote it.
-
-    A checkpoint at ``<save_dir>/<name>/<version>/checkpoints/<file>.ckpt`` belongs to run ``<version>``: CSV and
-    TensorBoard loggers with that ``save_dir`` and ``name`` get that version, so metrics.csv, the TensorBoard
-    events, run_info.yaml and new checkpoints continue in the same directory (Lightning's ModelCheckpoint then
-    keeps tracking its best checkpoints there). metrics.csv keeps the rows written up to the checkpoint
-    (CSVLogger would delete the file; rows logged after the checkpoint are dropped, the resumed run logs them
-    again). Call it before ``fit`` starts, with the loaded ``checkpoint``. Returns the run directory, or None
-    when the checkpoint lies elsewhere (the run then gets a new version as usual).
-    """
-    path = Path(ckpt_path).resolve()
-    if path.parent.name != "checkpoints":
-        return None
-    run_dir = path.parent.parent
-    loggers = [
-        logger
-        for logger in trainer.loggers
-        if isinstance(logger, CSVLogger | TensorBoardLogger) and Path(logger.root_dir).resolve() == run_dir.parent
-    ]
-    if not loggers:
-        return None
-    # ModelCheckpoint's note that the directory is not empty is what a resume expects.
-    warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")
-    saved_rows = checkpoint.get("callbacks", {}).get(ResumeState.__qualname__, {}).get("csv_rows")
-    csv_loggers = [logger for logger in trainer.loggers if isinstance(logger, CSVLogger)]
-    for logger in loggers:
-        if logger._experiment is not None:
-            raise RuntimeError(
-                f"continue_run_dir() must run before fit starts, but {type(logger).__name__} already writes to "
-                f"{logger.log_dir}."
-            )
-        logger._version = _version_from_dir(run_dir.name)
-        if isinstance(logger, CSVLogger) and rank_zero_only.rank == 0:  # trainer.global_rank is set in fit only
-            index = csv_loggers.index(logger)
-            keep = saved_rows[index] if saved_rows and index < len(saved_rows) else None
-            _keep_csv_rows(logger, keep)
-    return run_dir
-
-
-def _keep_csv_rows(logger: CSVLogger, keep: int | None) -> None:
-    """Start ``logger``'s writer on its existing metrics.csv, keeping the first ``keep`` rows (all if None)."""
-    path = Path(logger.log_dir) / "metrics.csv"
-    rows = []
-    if path.is_file():
-        with path.open(newline="") as file:
-            rows = list(csv.DictReader(file))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*exists and is not empty.*")  # its note that it deletes the old file
-        writer = logger.experiment
-    writer.metrics = rows[:keep] if keep is not None else rows
-    writer.save()

@@ -4,7 +4,7 @@
 appends one entry per launch (first start and every resume) to ``<run dir>/run_info.yaml`` (time, command
 line, git commit and whether the tree was dirty, package versions, devices, the checkpoint resumed from) and
 logs the resolved config once to Weights & Biases, whose run id it records so that a resumed run continues the
-same W&B run (see :func:`wandb_run_id`).
+same W&B run (:func:`wandb_run_id`, read by :mod:`callbacks.runs`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 from callbacks.images import run_dir as _run_dir
 
-__all__ = ["RunRecord", "continue_wandb_run", "environment_info", "git_info", "wandb_run_id"]
+__all__ = ["RunRecord", "environment_info", "git_info", "wandb_run_id"]
 
 RUN_INFO = "run_info.yaml"
 PACKAGES = ("torch", "torchvision", "pytorch-lightning", "torchmetrics", "jsonargparse", "wandb", "numpy")
@@ -78,25 +78,6 @@ def wandb_run_id(run_dir: Path) -> str | None:
         return None
     record = yaml.safe_load(path.read_text()) or {}
     return (record.get("wandb") or {}).get("id")
-
-
-def continue_wandb_run(trainer: pl.Trainer, ckpt_path: str | Path | None) -> str | None:
-    """Point the W&B loggers of a run resumed from ``ckpt_path`` at the W&B run of the interrupted run.
-
-    ``ckpt_path`` lies in ``<run dir>/checkpoints/``; the run id comes from ``<run dir>/run_info.yaml``. Only
-    loggers whose W&B run has not started yet (and that were given no id) are changed. Returns the id used.
-    """
-    if not ckpt_path or not Path(ckpt_path).is_file():
-        return None
-    run_id = wandb_run_id(Path(ckpt_path).resolve().parent.parent)
-    if run_id is None:
-        return None
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is None and logger._id is None:
-            # WandbLogger starts its run lazily from these init arguments; "allow" resumes an existing id.
-            logger._wandb_init.update(id=run_id, resume="allow")
-            logger._id = run_id
-    return run_id
 
 
 class RunRecord(SaveConfigCallback):

@@ -1,13 +1,14 @@
-"""SLURM preemption: Lightning's auto-requeue, with its checkpoint taken where a resume is exact.
+"""SLURM preemption: Lightning's auto-requeue, with its checkpoint taken where a resume is exact, and nothing after it.
 
 Under SLURM, Lightning (``SLURMEnvironment(auto_requeue=True)``, its default there) handles the requeue signal
 (``#SBATCH --signal=SIGUSR1@90``) by saving ``<default_root_dir>/hpc_ckpt_<n>.ckpt`` and calling
-``scontrol requeue``; the requeued job resumes from that file on its own. Lightning saves inside the signal
-handler, i.e. wherever the signal interrupts the process. A checkpoint taken in the middle of the *last* training
-step of an epoch resumes without that epoch's validation, and an ``EarlyStopping`` on a validation metric (every
-config here has one) then ends the requeued job with "Early stopping conditioned on metric ... which is not
-available" (Lightning 2.6; 4 of 6 trials of this repository's requeue test, whose epochs are one step long).
-:class:`SafeRequeue` keeps Lightning's mechanism and only moves the moment of the checkpoint.
+``scontrol requeue``; the requeued job resumes from that file. Lightning saves inside the signal handler, i.e.
+wherever the signal interrupts the process, and then trains on until SLURM kills the job. Both break an exact
+resume: a checkpoint taken in the middle of an epoch's *last* training step resumes without that epoch's
+validation (an ``EarlyStopping`` on a validation metric then ends the requeued job with an error), and the epoch
+the old job goes on to validate before it is killed is validated again by the requeued job (1 requeue in 8 in
+this repository's test before :class:`SafeRequeue` stopped the job right after the checkpoint).
+:class:`SafeRequeue` keeps Lightning's mechanism, moves the moment of the checkpoint and ends the job there.
 """
 
 from __future__ import annotations
@@ -17,26 +18,31 @@ from types import FrameType
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.utilities import rank_zero_info
 
-__all__ = ["SafeRequeue"]
+__all__ = ["JobRequeued", "SafeRequeue"]
 
 
-class SafeRequeue(Callback):
-    """Defer Lightning's SLURM requeue handler to the end of the current training batch or epoch.
+class JobRequeued(Exception):
+    """Raised after the requeue checkpoint is saved and ``scontrol requeue`` was called: this process ends here,
+    the requeued job continues the run. ``scripts/train.py`` exits with code 0 on it."""
 
-    When training starts, the handler Lightning installed for the requeue signal is replaced by one that only
-    records the signal. At the end of every training batch but an epoch's last, and at the end of every training
-    epoch (after its validation), a recorded signal runs Lightning's handler: it saves ``hpc_ckpt_<n>.ckpt`` and
-    requeues the job. These are moments Lightning's own checkpoints are taken at (``every_n_train_steps``,
-    ``last.ckpt``), and the requeued job resumes from them exactly: with the next batch, or with the next epoch
-    after a validated one. The callback's epoch-end hook runs before EarlyStopping's and ModelCheckpoint's, so
-    their decision on that one epoch is not in the hpc checkpoint (the best-checkpoint file they write right
-    after is kept on disk). Under DDP the ranks agree at each of these moments whether any of them got the
-    signal (one all-reduce of a flag), so all save together. Without an installed handler (not under SLURM, or
-    ``auto_requeue=False``) the callback does nothing. SLURM's warning time (``--signal=SIGUSR1@90``) must cover
-    the rest of a batch, or of an epoch's last batch plus its validation.
+
+class SafeRequeue(Checkpoint):
+    """Defer Lightning's SLURM requeue handler to the end of the current training batch or epoch, then stop.
+
+    When the sanity check or training starts, the handler Lightning installed for the requeue signal is replaced
+    by one that only records the signal. At the end of every training batch but an epoch's last, and at the end of
+    every training epoch (after its validation and after ``ModelCheckpoint``: this is a checkpoint callback too),
+    a recorded signal runs Lightning's handler, which saves ``hpc_ckpt_<n>.ckpt`` and requeues the job, and then
+    raises :class:`JobRequeued`, so that this process trains and validates nothing more. These are the moments
+    Lightning's own checkpoints are taken at (``every_n_train_steps``, ``last.ckpt``), and the requeued job
+    resumes from them exactly: with the next batch, or with the next epoch after a validated one, in the same run
+    directory (``callbacks.runs``). Under DDP the ranks agree at each of these moments whether any of them got the
+    signal (one all-reduce of a flag), so all save and stop together. Without an installed handler (not under
+    SLURM, or ``auto_requeue=False``) the callback does nothing. SLURM's warning time (``--signal=SIGUSR1@90``)
+    must cover the rest of a batch, or of an epoch's last batch plus its validation.
 
     Args:
         signum: The signal SLURM sends before the time limit or a preemption (``SIGUSR1``, Lightning's default).
@@ -52,11 +58,17 @@ class SafeRequeue(Callback):
     def _record(self, signum: int, frame: FrameType | None) -> None:
         self._received = True
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _take_over(self) -> None:
         handler = signal.getsignal(self.signum)
-        if callable(handler):  # Lightning's, registered just before training starts
-            self._lightning_handler = handler
+        if self._lightning_handler is None and callable(handler) and handler != self._record:
+            self._lightning_handler = handler  # Lightning's, registered just before the sanity check
             signal.signal(self.signum, self._record)
+
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._take_over()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._take_over()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._lightning_handler is not None:
@@ -79,3 +91,7 @@ class SafeRequeue(Callback):
             self._handled = True
             rank_zero_info(f"SafeRequeue: {self.signum.name} received; checkpointing at step {trainer.global_step}.")
             self._lightning_handler(self.signum, None)
+            raise JobRequeued(
+                f"SLURM job requeued at step {trainer.global_step} (epoch {trainer.current_epoch}); the requeued job "
+                f"continues from {trainer.default_root_dir}/hpc_ckpt_<n>.ckpt."
+            )

@@ -112,6 +112,13 @@ class ImageFolderDataModule(ImageDataModule):
                     f"<data_dir>/{self.hparams.train_split}/<class>/<image files>; set --data.init_args.data_dir "
                     "to the folder holding the split folders (or $DATA_DIR), or train_split to their name."
                 )
+            empty = [name for name in names if not list_images(train / name)]
+            if empty:  # a class without a single training image would be an output the model never learns
+                raise CorruptDataError(
+                    f"class folder(s) {', '.join(str(train / name) for name in empty)} hold no image files "
+                    f"({', '.join(IMAGE_SUFFIXES)}). Every sub-folder of the training split is a class: put its "
+                    "images there, or remove the folder."
+                )
             self._classes = names
         return self._classes
 

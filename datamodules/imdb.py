@@ -156,6 +156,7 @@ class IMDBDataModule(pl.LightningDataModule):
         self._vocabulary: Vocabulary | None = None
         self._encoded: dict[str, Tensor] = {}  # split -> (N, L) encoded with the current vocabulary
         self._vocab_written = False
+        self.predict_ids: list[int] | None = None  # line numbers of predict_file's reviews, once read
         self._data_fingerprint: str | None = None
 
     # ---- files -----------------------------------------------------------------------------------------
@@ -428,7 +429,9 @@ class IMDBDataModule(pl.LightningDataModule):
         if self.hparams.predict_file is None:
             return self.test_dataloader()
         path = Path(self.hparams.predict_file)
-        texts = [line for line in read_text_file(path).splitlines() if line.strip()]
+        lines = [(number, line) for number, line in enumerate(read_text_file(path).splitlines(), 1) if line.strip()]
+        self.predict_ids = [number for number, _ in lines]  # the reviews' line numbers, for the predictions table
+        texts = [line for _, line in lines]
         inputs = self._encode_raw(texts)
         return self._loader(TokenDataset(inputs, torch.zeros(len(texts), dtype=torch.int64)), train=False)
 

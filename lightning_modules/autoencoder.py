@@ -28,7 +28,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_modules.base import TemplateModule, check_input_shape, optimizers_from_factories
+from lightning_modules.base import SchedulerInterval, TemplateModule, check_input_shape, optimizers_from_factories
 from lightning_modules.layers import Conv2dSame, Dropout, InitName, keras_batch_norm, keras_init_
 
 AETask = Literal["reconstruct", "denoise", "colorize"]
@@ -154,6 +154,8 @@ class AutoEncoder(TemplateModule):
         classification_weight: Weight of the cross-entropy in the loss (Keras sums both outputs' losses: 1, 1).
         optimizer: Optimiser factory (book: Adam, Keras defaults lr 1e-3, eps 1e-7).
         lr_scheduler: Optional scheduler factory; ``ReduceLROnPlateau`` monitors ``val/loss``.
+        scheduler_interval: When the scheduler steps: ``step``, ``epoch`` or ``auto`` (OneCycleLR, CyclicLR and
+            LinearLR warm-ups per step, the others per epoch).
         init: ``keras`` (glorot_uniform kernels, zero biases) or ``torch``.
 
     Logged: ``{stage}/loss`` (the optimised sum), ``{stage}/mse`` (reconstruction), and with a classifier
@@ -177,6 +179,7 @@ class AutoEncoder(TemplateModule):
         classification_weight: float = 1.0,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: SchedulerInterval = "auto",
         init: InitName = "keras",
     ) -> None:
         super().__init__()
@@ -302,7 +305,12 @@ class AutoEncoder(TemplateModule):
         return self(self.model_input(images)[0])
 
     def configure_optimizers(self):
-        return optimizers_from_factories(self.optimizer_factory, self.scheduler_factory, self.parameters())
+        return optimizers_from_factories(
+            self.optimizer_factory,
+            self.scheduler_factory,
+            self.parameters(),
+            self.hparams.get("scheduler_interval", "auto"),
+        )
 
     # ---- input checks --------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from typing import Literal
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torch.optim.lr_scheduler import CyclicLR, LinearLR, OneCycleLR, ReduceLROnPlateau
 from torchmetrics import MeanAbsoluteError, Metric, MetricCollection
 from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
@@ -35,20 +36,43 @@ def warn_if_narrow(widths: Sequence[int], num_classes: int, where: str) -> None:
         )
 
 
+SchedulerInterval = Literal["auto", "step", "epoch"]
+# Schedulers whose lengths count training steps: OneCycleLR's total_steps, CyclicLR's step_size_up, and a LinearLR
+# warm-up's total_iters as modern recipes use it.
+PER_STEP_SCHEDULERS = (OneCycleLR, CyclicLR, LinearLR)
+
+
+def scheduler_step_interval(scheduler: object, interval: SchedulerInterval = "auto") -> str:
+    """``step`` or ``epoch``: how often Lightning steps ``scheduler``. ``auto`` steps :data:`PER_STEP_SCHEDULERS`
+    after every training step (and says so) and every other scheduler once per epoch."""
+    if interval not in ("auto", "step", "epoch"):
+        raise ValueError(f"scheduler_interval={interval!r}: choose auto, step or epoch.")
+    if interval != "auto":
+        return interval
+    if isinstance(scheduler, PER_STEP_SCHEDULERS):
+        rank_zero_info(
+            f"{type(scheduler).__name__} steps after every training step (scheduler_interval: auto); set "
+            "--model.init_args.scheduler_interval epoch to step it once per epoch."
+        )
+        return "step"
+    return "epoch"
+
+
 def optimizers_from_factories(
     optimizer_factory: OptimizerCallable,
     scheduler_factory: LRSchedulerCallable | None,
     parameters: Iterator[nn.Parameter],
+    interval: SchedulerInterval = "auto",
 ):
     """``configure_optimizers``' return value from the config's optimiser and optional scheduler factories.
 
-    Schedulers step once per epoch; ``ReduceLROnPlateau`` monitors ``val/loss``.
+    The scheduler steps as :func:`scheduler_step_interval` says; ``ReduceLROnPlateau`` monitors ``val/loss``.
     """
     optimizer = optimizer_factory(parameters)
     if scheduler_factory is None:
         return optimizer
     scheduler = scheduler_factory(optimizer)
-    config = {"scheduler": scheduler, "interval": "epoch"}
+    config = {"scheduler": scheduler, "interval": scheduler_step_interval(scheduler, interval)}
     if isinstance(scheduler, ReduceLROnPlateau):
         config["monitor"] = "val/loss"
     return {"optimizer": optimizer, "lr_scheduler": config}
@@ -141,6 +165,8 @@ class ClassificationModule(TemplateModule):
         input_shape: ``(C, H, W)`` of one input; checked against the datamodule's ``dims``.
         optimizer: Optimiser factory, e.g. ``torch.optim.Adam`` with its init args in the YAML.
         lr_scheduler: Optional scheduler factory; ``ReduceLROnPlateau`` monitors ``val/loss``.
+        scheduler_interval: When the scheduler steps: ``step`` (after every training step), ``epoch``, or
+            ``auto`` (OneCycleLR, CyclicLR and LinearLR warm-ups per step, the others per epoch).
         init: ``keras`` re-initialises the network with Keras defaults (the book recipes), ``torch``
             keeps PyTorch's.
         prob_clip: Keras clips probabilities to ``[eps, 1-eps]`` in its cross-entropies (1e-7); 0 disables.
@@ -171,6 +197,7 @@ class ClassificationModule(TemplateModule):
         input_shape: Sequence[int] = (1, 28, 28),
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: SchedulerInterval = "auto",
         init: InitName = "keras",
         prob_clip: float = 0.0,
         top_k: int = 5,
@@ -362,7 +389,8 @@ class ClassificationModule(TemplateModule):
     # ---- optimisation --------------------------------------------------------------------------------
     def configure_optimizers(self):
         parameters = (p for p in self.parameters() if p.requires_grad)
-        return optimizers_from_factories(self.optimizer_factory, self.scheduler_factory, parameters)
+        interval = self.hparams.get("scheduler_interval", "auto")
+        return optimizers_from_factories(self.optimizer_factory, self.scheduler_factory, parameters, interval)
 
     # ---- input checks --------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

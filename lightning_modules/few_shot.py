@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lightning_modules.base import TemplateModule, check_input_shape, optimizers_from_factories
+from lightning_modules.base import SchedulerInterval, TemplateModule, check_input_shape, optimizers_from_factories
 
 Episode = dict[str, Tensor]
 
@@ -205,6 +205,8 @@ class ProtoNet(FewShotModule):
         lr_scheduler: Optional scheduler factory, stepped per epoch (Snell et al. halve the rate every 2,000
             episodes: ``StepLR(step_size=2000 / train_episodes, gamma=0.5)``); ``ReduceLROnPlateau`` monitors
             ``val/loss``.
+        scheduler_interval: When the scheduler steps: ``step``, ``epoch`` or ``auto`` (OneCycleLR, CyclicLR and
+            LinearLR warm-ups per step, the others per epoch).
         **kwargs: ``num_classes``, ``input_shape``: see :class:`FewShotModule`.
 
     Support and query images go through the encoder in one batch, so BatchNorm's training statistics are the
@@ -217,6 +219,7 @@ class ProtoNet(FewShotModule):
         blocks: int = 4,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: SchedulerInterval = "auto",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -248,7 +251,9 @@ class ProtoNet(FewShotModule):
 
     def configure_optimizers(self):
         parameters = (p for p in self.parameters() if p.requires_grad)
-        return optimizers_from_factories(self.optimizer_factory, self.scheduler_factory, parameters)
+        return optimizers_from_factories(
+            self.optimizer_factory, self.scheduler_factory, parameters, self.hparams.get("scheduler_interval", "auto")
+        )
 
 
 class NearestNeighbourBaseline(FewShotModule):

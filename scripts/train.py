@@ -6,88 +6,68 @@
     python scripts/train.py fit -c configs/mnist/cnn.yaml --print_config
 
 Besides LightningCLI's own behaviour this CLI:
-- gives every logger of a run one shared run directory (``<save_dir>/<name>/version_N``), so metrics.csv,
-  TensorBoard events, ``config.yaml``, checkpoints and pictures sit together;
-- ``--test_after_fit true`` evaluates the best checkpoint on the test split right after ``fit``;
-- in a fresh ``validate``/``test``/``predict`` process, ``--ckpt_path best|last`` resolves to the best or last
-  checkpoint of the newest earlier run of the same experiment;
-- ``fit --ckpt_path last`` resumes the newest earlier run (or starts afresh if there is none) and keeps writing
-  into that run's directory; checkpoints are written atomically and carry the RNG and data-order state for an
-  exact resume, and a damaged or unsafe checkpoint is one clear error (``callbacks/checkpointing.py``);
-- prints a short summary (run directory, best checkpoint, test metrics) at the end.
+- gives each run one directory (``<save_dir>/<name>/version_N``) shared by its loggers, holds it with a lock, and
+  deletes it again if the command fails before writing a checkpoint (``callbacks/runs.py``);
+- resolves ``--ckpt_path best|last`` to the best or last checkpoint of the newest earlier run of the experiment,
+  checks a checkpoint against the config before anything is written, and makes ``fit --ckpt_path last`` (and a
+  requeued SLURM job) continue the interrupted run's directory, metrics.csv and W&B run;
+- keeps ``last.ckpt`` fresh, writes checkpoints atomically with the RNG state an exact resume needs, and stops a
+  run whose loss turns NaN (``callbacks/checkpointing.py``, ``callbacks/guards.py``);
+- ``--test_after_fit true`` evaluates the best checkpoint on the test split right after ``fit``; ``predict``
+  prints its scores and writes them to the run directory (``callbacks/predictions.py``);
+- prints a short summary (run directory, best checkpoint, test metrics) at the end, and any error as one
+  paragraph without a traceback (``TEMPLATE_TRACEBACK=1`` shows it; ``scripts/cli_errors.py``).
 """
 
 from __future__ import annotations
 
-import pickle
 import sys
 import warnings
 from pathlib import Path
 from typing import Literal
 
 import torch
+import yaml
+from cli_errors import TemplateParser, run_command
+from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning import LightningDataModule, LightningModule, Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info
 
 from callbacks.batch_scaling import batch_size_summary
-from callbacks.checkpointing import CheckpointError, continue_run_dir, install_fault_tolerance, read_checkpoint
+from callbacks.checkpointing import install_fault_tolerance, read_checkpoint
+from callbacks.guards import FiniteLossGuard
+from callbacks.predictions import PredictionWriter
 from callbacks.profiler import NullProfiler
-from callbacks.run_record import RunRecord, continue_wandb_run
+from callbacks.run_record import RunRecord
+from callbacks.runs import Run, check_model, find_checkpoint, open_run
 
 # The in-memory datamodules batch by tensor slicing: worker processes would only add overhead. The modules
 # log epoch aggregates, so Lightning's advice about the per-step logging interval does not apply either.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
 warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
-
-
-def share_run_dir(trainer: Trainer) -> None:
-    """Give loggers that share ``save_dir`` and ``name`` with the first one its version, hence its directory."""
-    if len(trainer.loggers) < 2:
-        return
-    first = trainer.loggers[0]
-    for logger in trainer.loggers[1:]:
-        same_root = logger.save_dir == first.save_dir and logger.name == first.name
-        if same_root and getattr(logger, "_version", "unset") is None:
-            logger._version = first.version
-
-
-def previous_run_dirs(trainer: Trainer) -> list[Path]:
-    """Earlier run directories of this experiment (same logger save_dir/name), newest first."""
-    if not trainer.loggers or trainer.loggers[0].save_dir is None:
-        return []
-    root = Path(trainer.loggers[0].save_dir) / (trainer.loggers[0].name or "")
-    runs = [p for p in root.glob("*") if (p / "checkpoints").is_dir()]
-    return sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)
-
-
-def resolve_checkpoint(trainer: Trainer, which: str) -> str:
-    """``best``/``last`` -> a checkpoint path of the newest earlier run, or a clear error."""
-    runs = previous_run_dirs(trainer)
-    for run in runs:
-        last = run / "checkpoints" / "last.ckpt"
-        if which == "last" and last.is_file():
-            return str(last)
-        if which == "best" and last.is_file():
-            state = read_checkpoint(last)
-            for key, value in state.get("callbacks", {}).items():
-                best = value.get("best_model_path") if key.startswith("ModelCheckpoint") else None
-                # The recorded path may be relative to the directory fit ran in: look in this run too.
-                for candidate in (Path(best), run / "checkpoints" / Path(best).name) if best else ():
-                    if candidate.is_file():
-                        return str(candidate)
-    raise FileNotFoundError(
-        f"--ckpt_path {which}: no earlier run of this experiment with a checkpoints/last.ckpt was found under "
-        f"{Path(trainer.loggers[0].save_dir) / trainer.loggers[0].name if trainer.loggers else '(no logger)'}."
-        " Run `fit` first with the same config (its ModelCheckpoint needs save_last: true), or pass the path "
-        "of a .ckpt file."
-    )
+# A resumed fit writes into its run's existing checkpoints/ folder, as intended.
+warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")
+# The CLI creates each run directory (and writes config.yaml) before the CSV logger starts; metrics.csv is the
+# only file that logger deletes, and callbacks.runs.ContinueMetrics carries a continued run's over.
+warnings.filterwarnings("ignore", "Experiment logs directory .* exists and is not empty")
 
 
 class TemplateCLI(LightningCLI):
-    """LightningCLI with the run-directory, test-after-fit and checkpoint-resolution conveniences."""
+    """LightningCLI with one owner for each run's directory, checked checkpoints and the end-of-run summary."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.run = Run()  # the run directory this command holds (callbacks/runs.py)
+        self._checkpoint: tuple[Path, dict] | None = None
+        self._undo: list = []
+        try:
+            super().__init__(*args, parser_class=TemplateParser, **kwargs)
+        except BaseException as error:
+            self.run.close(error)
+            raise
+        self.run.close(None)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -118,39 +98,64 @@ class TemplateCLI(LightningCLI):
         # cuDNN picks the fastest conv algorithms for the (fixed) input shapes; no effect on a CPU.
         parser.set_defaults({"trainer.benchmark": True})
 
+    def parse_arguments(self, parser, args) -> None:
+        """Parse, then find and check the checkpoint the command starts from, before anything is written."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        trainer = config.get("trainer")
+        path = find_checkpoint(
+            subcommand,
+            config.get("ckpt_path"),
+            trainer.get("logger"),
+            trainer.get("default_root_dir"),
+            SLURMEnvironment.detect(),
+        )
+        if path is not None:
+            checkpoint = read_checkpoint(path)  # weights_only: a damaged or unsafe file is one clear error
+            with warnings.catch_warnings():  # jsonargparse 4.49+ deprecates skip_none, as LightningCLI still uses it
+                warnings.simplefilter("ignore", DeprecationWarning)
+                dumped = yaml.safe_load(parser.dump(self.config, skip_none=False, skip_link_targets=False))
+            model = check_model(path, checkpoint, dumped[subcommand].get("model") or {}, subcommand)
+            if model is not None:  # validate/test/predict build the model the checkpoint holds
+                self.config = parser.parse_object({subcommand: {"model": model}}, self.config)
+            self._checkpoint = (path, checkpoint)
+        # Done here, so LightningCLI's own reading of the checkpoint's hyperparameters has nothing left to do;
+        # the path is put back before the classes are instantiated.
+        self._ckpt_path = str(path) if path is not None else None
+        self.config[subcommand]["ckpt_path"] = None
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand is None:
+            return
+        config = self.config[self.subcommand]
+        config["ckpt_path"] = self._ckpt_path
+        if self.subcommand != "fit":  # evaluating in a new run directory: ModelCheckpoint's note on it is noise
+            warnings.filterwarnings("ignore", ".*The dirpath has changed from.*")
+        if not config.get("trainer").get("fast_dev_run"):  # fast_dev_run logs and checkpoints nothing
+            path, checkpoint = self._checkpoint or (None, None)
+            self.run, self._undo = open_run(self.subcommand, config, path, checkpoint)
+
+    def after_instantiate_classes(self) -> None:
+        # The loggers were built pointing at this run; the saved config.yaml stays a recipe for a new run.
+        for container, key, had, old in reversed(self._undo):
+            if had:
+                container[key] = old
+            else:
+                del container[key]
+
     def instantiate_trainer(self, **kwargs) -> Trainer:
-        if self._get(self.config_init, "trainer", default={}).get("profiler") is None:
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        if config.get("trainer", {}).get("profiler") is None:
             kwargs.setdefault("profiler", NullProfiler())  # Lightning's default no-op profiler, minus its overhead
         trainer = super().instantiate_trainer(**kwargs)
-        share_run_dir(trainer)
-        install_fault_tolerance(trainer)  # atomic checkpoint writes, RNG states in checkpoints
+        install_fault_tolerance(trainer)  # atomic checkpoint writes, RNG states, an always-fresh last.ckpt
+        extra = {"fit": [FiniteLossGuard()], "predict": [PredictionWriter()]}.get(self.subcommand, [])
+        trainer.callbacks.extend([c for c in extra if not any(type(o) is type(c) for o in trainer.callbacks)])
+        trainer.callbacks.extend(self.run.callbacks)  # a continued run's metrics.csv
         return trainer
-
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the model's hyperparameters from a --ckpt_path file while parsing: check the file
-        # first, so that a damaged or unsafe one gets a clear error instead of a traceback from torch.load.
-        subcommand = self.config.get("subcommand")
-        path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if path and Path(path).is_file():
-            read_checkpoint(path)
-        try:
-            super()._parse_ckpt_path()
-        except pickle.UnpicklingError:  # only a file loaded with the unsafe opt-in gets here
-            rank_zero_warn(f"{path} needs full pickle: its hyperparameters are not read, the config's are used.")
-
-    def _resolve_ckpt_alias(self) -> dict | None:
-        """Resolve ``best``/``last`` and check the checkpoint (clear errors); returns the loaded checkpoint."""
-        if self.subcommand != "fit":
-            # Evaluating a checkpoint in a new run directory: the checkpoint callback's note that it will not
-            # track the old directory's top-k is noise here.
-            warnings.filterwarnings("ignore", ".*The dirpath has changed from.*")
-        cfg = self.config_init[self.subcommand]
-        if cfg.get("ckpt_path") in ("best", "last"):
-            cfg["ckpt_path"] = resolve_checkpoint(self.trainer, cfg["ckpt_path"])
-            self.config[self.subcommand]["ckpt_path"] = cfg["ckpt_path"]  # the saved config names the file
-            rank_zero_info(f"Using checkpoint {cfg['ckpt_path']}")
-        path = cfg.get("ckpt_path")
-        return read_checkpoint(path) if path and Path(path).is_file() else None
 
     def _speed_switches(self) -> None:
         """Apply ``--float32_matmul_precision``, ``channels_last`` weights and ``--compile`` before running."""
@@ -163,27 +168,12 @@ class TemplateCLI(LightningCLI):
             # Lightning unwraps the compiled module for checkpoints: their keys stay those of the plain model.
             self.model = torch.compile(self.model, backend=cfg.get("compile_backend") or "inductor")
 
-    def _before_evaluation(self) -> dict | None:
-        self._speed_switches()
-        return self._resolve_ckpt_alias()
-
-    before_validate = before_test = before_predict = _before_evaluation
-
     def before_fit(self) -> None:
         # Every process runs this; rank zero prints, e.g. "per-device batch 128 x devices 4 x nodes 2 = ...".
         rank_zero_info(batch_size_summary(self.trainer, self.datamodule))
-        cfg = self.config_init["fit"]
-        if cfg.get("ckpt_path") == "last" and not any(
-            (run / "checkpoints" / "last.ckpt").is_file() for run in previous_run_dirs(self.trainer)
-        ):
-            # One command for the first launch and every requeue, as Lightning's own fit(ckpt_path="last").
-            rank_zero_warn("--ckpt_path last: no earlier run of this experiment has a last.ckpt, starting afresh.")
-            cfg["ckpt_path"] = self.config["fit"]["ckpt_path"] = None
-        checkpoint = self._resolve_ckpt_alias()
-        if checkpoint is not None:  # resume in the interrupted run's directory (metrics.csv, checkpoints/)
-            continue_run_dir(self.trainer, cfg["ckpt_path"], checkpoint)
-        continue_wandb_run(self.trainer, self.config_init["fit"].get("ckpt_path"))
         self._speed_switches()
+
+    before_validate = before_test = before_predict = _speed_switches
 
     def after_fit(self) -> None:
         lines = []
@@ -236,7 +226,4 @@ def main(args: list[str] | None = None, run: bool = True) -> TemplateCLI:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except CheckpointError as error:  # a damaged or unsafe checkpoint: the message says what to do
-        raise SystemExit(f"error: {error}") from None
+    sys.exit(run_command(main))

@@ -19,7 +19,13 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DistributedSampler
 
-from callbacks.checkpointing import UNSAFE_LOAD_OPT_IN, AtomicCheckpointIO, CheckpointError, read_checkpoint
+from callbacks.checkpointing import (
+    UNSAFE_LOAD_OPT_IN,
+    AtomicCheckpointIO,
+    CheckpointError,
+    DiskFullError,
+    read_checkpoint,
+)
 from datamodules.base import InMemoryImageDataset, ResumableDataLoader, ResumableSampler, collate_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,9 +36,9 @@ CHECKPOINTS_EVERY_4_STEPS = """
 trainer:
   callbacks:
     - class_path: pytorch_lightning.callbacks.ModelCheckpoint
-      init_args: {monitor: val/acc, mode: max, save_last: true, enable_version_counter: false}
-    - class_path: pytorch_lightning.callbacks.ModelCheckpoint
-      init_args: {save_last: true, save_top_k: 0, every_n_train_steps: 4, enable_version_counter: false}
+      init_args: {monitor: val/acc, mode: max, enable_version_counter: false}
+    - class_path: callbacks.LastCheckpoint
+      init_args: {every_n_train_steps: 4}
     - class_path: pytorch_lightning.callbacks.EarlyStopping
       init_args: {monitor: val/loss, mode: min, patience: 10}
 """
@@ -231,7 +237,7 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch)
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", crash_halfway)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(DiskFullError, match=r"The disk is full: checkpoint .*last\.ckpt could not be written"):
         io.save_checkpoint({"state_dict": {"w": torch.zeros(1000)}, "global_step": 2}, path)
     monkeypatch.undo()
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temporary file left behind
