@@ -112,13 +112,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 temporary.unlink()
             if is_disk_full(error) or (isinstance(error, RuntimeError) and "unexpected pos" in str(error)):
                 free = shutil.disk_usage(target.parent).free / 2**20
-                raise DiskFullError(
-                    errno.ENOSPC,
+                full = DiskFullError(
                     f"The disk is full: checkpoint {target} could not be written ({free:.0f} MiB free on its disk). "
                     "The previous checkpoints of the run are intact. Free some space (`df -h "
                     f"{target.parent}` shows it), or write the runs elsewhere (the loggers' save_dir), then resume "
-                    "with --ckpt_path last.",
-                ) from None
+                    "with --ckpt_path last."
+                )
+                full.errno = errno.ENOSPC
+                raise full from None
             raise
         _fsync_directory(target.parent)
 
@@ -237,7 +238,9 @@ class LastCheckpoint(Checkpoint):
     epoch (after its validation, the moment ``ModelCheckpoint`` saves at, which Lightning resumes from exactly)
     and, with ``every_n_train_steps``, every N optimiser steps inside an epoch, for long epochs. It writes beside
     the first ``ModelCheckpoint``'s files (else ``<run dir>/checkpoints``) through the strategy's checkpoint IO
-    (atomic writes), and runs after every ``ModelCheckpoint`` so that ``last.ckpt`` knows the newest best.
+    (atomic writes), and runs after every ``ModelCheckpoint`` so that ``last.ckpt`` knows the newest best. A run
+    stopped inside an epoch (``max_steps``, ``max_time``) is saved at its last batch, so that a resume finishes
+    that epoch.
 
     Args:
         every_n_train_steps: Also save every N optimiser steps inside an epoch (``None``: at epoch ends only).
@@ -261,16 +264,21 @@ class LastCheckpoint(Checkpoint):
         self.path = trainer.strategy.broadcast(str(path))  # rank zero's directory is the one written
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return  # the epoch-end save (after validation) follows
         n = self.every_n_train_steps
-        # The last batch of an epoch is followed by the epoch-end save (after validation).
-        if n and trainer.global_step % n == 0 and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+        # A run stopping inside an epoch (max_steps, max_time, a callback) is saved here, where a resume continues
+        # the epoch; its epoch-end hooks still run, but a checkpoint from there would skip the epoch's rest.
+        stopping = trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step
+        if stopping or (n and trainer.global_step % n == 0):
             self._save(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._save(trainer)
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._save(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._save(trainer)  # a run stopped between epoch ends (max_steps, max_time) keeps its last state too
+        self._save(trainer)  # e.g. stopped by a validation inside the epoch: the newest state all the same
 
     def _save(self, trainer: pl.Trainer) -> None:
         if self.path is None or trainer.fast_dev_run or trainer.sanity_checking:

@@ -420,21 +420,23 @@ class ContinueMetrics(Callback):
     """Carry a continued run's ``metrics.csv`` over: no row is lost, rows the resumed run logs again are replaced.
 
     Lightning's CSV writer deletes an existing ``metrics.csv`` when it starts. The rows are read before that
-    (when this callback is made) and written back as soon as the writer exists (``on_fit_start``). When the
-    first epoch starts, the rows of that epoch and later ones that were logged after the checkpoint are dropped:
-    the resumed run logs them again. Rows before the checkpoint, and those of earlier epochs logged after it
-    (the training row of the epoch a checkpoint ended), stay.
+    (when this callback is made) and written back as soon as the writer exists (``on_fit_start``). When training
+    starts, the rows logged after the checkpoint for the epoch it resumes in or a later one are dropped: the
+    resumed run trains those epochs and logs their rows again. Rows before the checkpoint stay, and
+    so do rows of earlier epochs logged after it (Lightning logs an epoch's training row after the epoch-end
+    checkpoint). The template's modules log per epoch; a module that also logs every step keeps the rows of the
+    steps before the checkpoint and gets those after it again.
 
     Args:
         run: The run directory whose metrics.csv continues.
-        saved_rows: Rows the file had when the checkpoint was saved (``None``: unknown, all rows before the
-            resumed epoch are kept).
+        saved_rows: Rows the file had when the checkpoint was saved (``None``: unknown, rows are dropped by epoch
+            alone).
     """
 
     def __init__(self, run: Path, saved_rows: int | None) -> None:
         self.path = Path(run) / "metrics.csv"
         self.rows = _read_rows(self.path)
-        self.saved_rows = len(self.rows) if saved_rows is None else saved_rows
+        self.saved_rows = 0 if saved_rows is None else saved_rows
         self._seeded = False
 
     def _logger(self, trainer: pl.Trainer) -> CSVLogger | None:
@@ -455,28 +457,28 @@ class ContinueMetrics(Callback):
         writer.save()
         self._seeded = True
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._seeded:
             return
         self._seeded = False
         logger = self._logger(trainer)
         logger.save()
-        epoch = trainer.current_epoch
         rows = _read_rows(self.path)
         old, new = rows[: len(self.rows)], rows[len(self.rows) :]
+        epoch = trainer.current_epoch
         kept = old[: self.saved_rows] + [row for row in old[self.saved_rows :] if _epoch(row) < epoch]
         if len(kept) == len(old):
             return
         temporary = self.path.with_name(f".{self.path.name}.tmp")
         with temporary.open("w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=logger.experiment.metrics_keys)
-            writer.writeheader()
-            writer.writerows(kept + new)
+            table = csv.DictWriter(file, fieldnames=logger.experiment.metrics_keys)
+            table.writeheader()
+            table.writerows(kept + new)
         os.replace(temporary, self.path)
 
 
-def _epoch(row: dict[str, str]) -> float:
+def _epoch(row: dict[str, Any]) -> float:
     try:
         return float(row.get("epoch") or "inf")
-    except ValueError:
+    except (TypeError, ValueError):
         return float("inf")

@@ -1,4 +1,4 @@
-"""SLURM preemption: Lightning's auto-requeue, with its checkpoint taken where a resume is exact, and nothing after it.
+"""SLURM preemption: Lightning's requeue recipe, with the checkpoint taken where a resume is exact, and nothing after.
 
 Under SLURM, Lightning (``SLURMEnvironment(auto_requeue=True)``, its default there) handles the requeue signal
 (``#SBATCH --signal=SIGUSR1@90``) by saving ``<default_root_dir>/hpc_ckpt_<n>.ckpt`` and calling
@@ -7,19 +7,24 @@ wherever the signal interrupts the process, and then trains on until SLURM kills
 resume: a checkpoint taken in the middle of an epoch's *last* training step resumes without that epoch's
 validation (an ``EarlyStopping`` on a validation metric then ends the requeued job with an error), and the epoch
 the old job goes on to validate before it is killed is validated again by the requeued job (1 requeue in 8 in
-this repository's test before :class:`SafeRequeue` stopped the job right after the checkpoint).
-:class:`SafeRequeue` keeps Lightning's mechanism, moves the moment of the checkpoint and ends the job there.
+this repository's test before :class:`SafeRequeue`). :class:`SafeRequeue` keeps the recipe (same file names, same
+command) but chooses the moment of the checkpoint and ends the job there.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import signal
+import subprocess
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import pytorch_lightning as pl
+from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.callbacks import Checkpoint
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 __all__ = ["JobRequeued", "SafeRequeue"]
 
@@ -29,20 +34,27 @@ class JobRequeued(Exception):
     the requeued job continues the run. ``scripts/train.py`` exits with code 0 on it."""
 
 
-class SafeRequeue(Checkpoint):
-    """Defer Lightning's SLURM requeue handler to the end of the current training batch or epoch, then stop.
+def slurm_job_id() -> str | None:
+    """The id ``scontrol requeue`` takes: ``<array job>_<task>`` for an array task, else ``$SLURM_JOB_ID``."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if array else os.environ.get("SLURM_JOB_ID")
 
-    When the sanity check or training starts, the handler Lightning installed for the requeue signal is replaced
-    by one that only records the signal. At the end of every training batch but an epoch's last, and at the end of
-    every training epoch (after its validation and after ``ModelCheckpoint``: this is a checkpoint callback too),
-    a recorded signal runs Lightning's handler, which saves ``hpc_ckpt_<n>.ckpt`` and requeues the job, and then
-    raises :class:`JobRequeued`, so that this process trains and validates nothing more. These are the moments
-    Lightning's own checkpoints are taken at (``every_n_train_steps``, ``last.ckpt``), and the requeued job
-    resumes from them exactly: with the next batch, or with the next epoch after a validated one, in the same run
-    directory (``callbacks.runs``). Under DDP the ranks agree at each of these moments whether any of them got the
-    signal (one all-reduce of a flag), so all save and stop together. Without an installed handler (not under
-    SLURM, or ``auto_requeue=False``) the callback does nothing. SLURM's warning time (``--signal=SIGUSR1@90``)
-    must cover the rest of a batch, or of an epoch's last batch plus its validation.
+
+class SafeRequeue(Checkpoint):
+    """Requeue a SLURM job at the end of the current training batch or epoch, then stop it.
+
+    Under SLURM it installs, before Lightning would install its own, a handler for the requeue signal that only
+    records it (Lightning leaves an existing handler in place). At the end of every training batch but an epoch's
+    last, and at the end of every training epoch (after its validation and after ``ModelCheckpoint``: this is a
+    checkpoint callback too), a recorded signal saves ``<default_root_dir>/hpc_ckpt_<n>.ckpt`` and calls
+    ``scontrol requeue`` (global rank zero), as Lightning's handler does. Once the metrics of that step or epoch
+    are logged (at the next batch, validation or epoch start, or the end of training) it raises
+    :class:`JobRequeued`: this process trains and validates nothing more, and no row of ``metrics.csv`` is lost or
+    logged twice. The requeued job (same command) resumes from the file exactly, with the next batch or the next
+    epoch, in the same run directory (:mod:`callbacks.runs`). Under DDP the ranks agree at each of these moments
+    whether any of them got the signal (one all-reduce of a flag), so all save and stop together. Outside SLURM,
+    or where a handler for the signal exists already, the callback does nothing. SLURM's warning time
+    (``--signal=SIGUSR1@90``) must cover the rest of a batch, or of an epoch's last batch plus its validation.
 
     Args:
         signum: The signal SLURM sends before the time limit or a preemption (``SIGUSR1``, Lightning's default).
@@ -51,29 +63,29 @@ class SafeRequeue(Checkpoint):
     def __init__(self, signum: int = int(signal.SIGUSR1)) -> None:
         super().__init__()
         self.signum = signal.Signals(signum)
-        self._lightning_handler: Any = None
+        self._previous: Any = None
+        self._installed = False
         self._received = False
-        self._handled = False
+        self._message: str | None = None  # set once the job is requeued: this process then stops
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
         self._received = True
 
-    def _take_over(self) -> None:
-        handler = signal.getsignal(self.signum)
-        if self._lightning_handler is None and callable(handler) and handler != self._record:
-            self._lightning_handler = handler  # Lightning's, registered just before the sanity check
-            signal.signal(self.signum, self._record)
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or not SLURMEnvironment.detect() or self._installed:
+            return
+        current = signal.getsignal(self.signum)
+        leftover = isinstance(getattr(current, "__self__", None), SafeRequeue)  # of an earlier run in this process
+        if current not in (None, signal.SIG_DFL) and not leftover:
+            rank_zero_warn(f"SafeRequeue: {self.signum.name} already has a handler; leaving it in charge.")
+            return
+        self._previous, self._installed = current, True
+        signal.signal(self.signum, self._record)
 
-    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._take_over()
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._take_over()
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._lightning_handler is not None:
-            signal.signal(self.signum, self._lightning_handler)
-            self._lightning_handler = None
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._installed:
+            signal.signal(self.signum, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed = False
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         # After an epoch's last batch wait for the epoch end: saved here, the resumed job would skip that epoch's
@@ -84,14 +96,37 @@ class SafeRequeue(Checkpoint):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._requeue_if_signalled(trainer)
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._stop_if_requeued()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_if_requeued()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_if_requeued()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_if_requeued()
+
+    def _stop_if_requeued(self) -> None:
+        if self._message is not None:
+            raise JobRequeued(self._message)
+
     def _requeue_if_signalled(self, trainer: pl.Trainer) -> None:
-        if self._lightning_handler is None or self._handled:
+        if not self._installed or self._message is not None:
             return
-        if trainer.strategy.reduce_boolean_decision(self._received, all=False):  # any rank signalled
-            self._handled = True
-            rank_zero_info(f"SafeRequeue: {self.signum.name} received; checkpointing at step {trainer.global_step}.")
-            self._lightning_handler(self.signum, None)
-            raise JobRequeued(
-                f"SLURM job requeued at step {trainer.global_step} (epoch {trainer.current_epoch}); the requeued job "
-                f"continues from {trainer.default_root_dir}/hpc_ckpt_<n>.ckpt."
-            )
+        if not trainer.strategy.reduce_boolean_decision(self._received, all=False):  # any rank signalled
+            return
+        folder = Path(trainer.default_root_dir)
+        taken = [re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name) for p in folder.glob("hpc_ckpt_*.ckpt")]
+        path = folder / f"hpc_ckpt_{max((int(m.group(1)) for m in taken if m), default=0) + 1}.ckpt"
+        rank_zero_info(f"SafeRequeue: {self.signum.name} received; saving {path} at step {trainer.global_step}.")
+        trainer.save_checkpoint(path, weights_only=False)  # every rank takes part; rank zero writes
+        job = slurm_job_id()
+        if trainer.is_global_zero and job:
+            result = subprocess.call(["scontrol", "requeue", job])
+            (rank_zero_info if result == 0 else rank_zero_warn)(f"scontrol requeue {job}: exit code {result}.")
+        self._message = (
+            f"SLURM job {job} requeued at step {trainer.global_step} (epoch {trainer.current_epoch}); the requeued "
+            f"job continues the run from {path}."
+        )
