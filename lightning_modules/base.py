@@ -214,6 +214,8 @@ class ClassificationModule(TemplateModule):
             raise ValueError(f"task={task!r}: choose 'multiclass', 'binary' or 'regression'.")
         if task == "multiclass" and num_classes < 2:
             raise ValueError(f"num_classes={num_classes}: a multiclass task needs at least 2 classes.")
+        if scheduler_interval not in ("auto", "step", "epoch"):
+            raise ValueError(f"scheduler_interval={scheduler_interval!r}: choose auto, step or epoch.")
         for name, value in (("l1", l1), ("l2", l2), ("max_norm", max_norm or 0.0)):
             if value < 0:
                 raise ValueError(f"{name}={value}: regularisation weights and norms must be >= 0.")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from callbacks.checkpointing import CheckpointError, read_checkpoint
+from callbacks.checkpointing import read_checkpoint
 from datamodules.omniglot import load_image
 from lightning_modules.few_shot import FewShotModule, NearestNeighbourBaseline, ProtoNet
 
@@ -113,7 +113,6 @@ def main(args: list[str] | None = None) -> list[tuple[str, str, float]]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except CheckpointError as error:  # a damaged or unsafe checkpoint: the message says what to do
-        raise SystemExit(f"error: {error}") from None
+    from cli_errors import run_command  # errors as one paragraph (TEMPLATE_TRACEBACK=1: the traceback)
+
+    sys.exit(run_command(main))

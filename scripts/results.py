@@ -26,8 +26,11 @@ A preset is a YAML file::
 
 Every experiment runs through ``scripts/train.py``'s CLI in this process (``fit`` with ``--test_after_fit``,
 so the test metric is that of the best checkpoint when the config monitors one) or through ``scripts/kfold.py``.
-The table gives ours, the baseline, the reference, epochs run, wall time and the hardware. ``--readme`` replaces
-the block between ``<!-- results:start -->`` and ``<!-- results:end -->`` in that file and nothing else.
+``metric`` is any logged key: a ``test/...`` one is the tested checkpoint's, any other (``val/acc``) its value in
+the epoch of the best checkpoint. An experiment that fails becomes a row saying why; the others still run and the
+table is written. The table gives ours, the baseline, the reference, epochs run, wall time and the hardware.
+``--readme`` replaces the block between ``<!-- results:start -->`` and ``<!-- results:end -->`` in that file and
+nothing else.
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cli_errors import describe
+
+from callbacks.checkpointing import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -114,12 +121,38 @@ def run_experiment(exp: dict[str, Any], max_time: str | None) -> dict[str, Any]:
         from train import main
 
         cli = main(["fit", *command(exp, max_time), "--test_after_fit", "true"])
-        metrics = cli.trainer.callback_metrics
-        value = float(metrics[metric]) if metric in metrics else None
+        value = logged_value(cli.trainer, metric)
         note, epochs = "", cli.trainer.current_epoch
     if value is None:
-        raise KeyError(f"experiment {exp['name']!r}: metric {metric!r} was not logged; check 'metric' in the preset.")
+        raise KeyError(f"metric {metric!r} was not logged by this experiment; check 'metric' in the preset.")
     return {"value": value, "epochs": epochs, "wall_s": time.perf_counter() - start, "note": note}
+
+
+def logged_value(trainer: Any, metric: str) -> float | None:
+    """``metric`` of a finished ``fit --test_after_fit``: a test metric is the tested checkpoint's; any other logged
+    metric (``val/acc``, ``train/loss``, ...) is its value in the epoch of the best checkpoint, or its last value
+    when the run kept no best checkpoint. None if the run never logged it."""
+    if metric in trainer.callback_metrics:
+        return float(trainer.callback_metrics[metric])
+    path = Path(trainer.log_dir) / "metrics.csv"
+    if not path.is_file():
+        return None
+    with path.open(newline="") as file:
+        values = [(row.get("epoch"), float(row[metric])) for row in csv.DictReader(file) if row.get(metric)]
+    if not values:
+        return None
+    best = getattr(trainer.checkpoint_callback, "best_model_path", None)
+    if best:
+        epoch = str(read_checkpoint(best)["epoch"])
+        at_best = [value for row_epoch, value in values if row_epoch == epoch]
+        if at_best:
+            return at_best[-1]
+    return values[-1][1]
+
+
+def failed_row(error: Exception, wall_s: float) -> dict[str, Any]:
+    """The row of an experiment that raised: no value, and the one-paragraph reason."""
+    return {"value": None, "epochs": "", "wall_s": wall_s, "note": "", "error": describe(error)}
 
 
 def format_value(metric: str, value: float | None) -> str:
@@ -140,6 +173,9 @@ def table(preset: dict[str, Any], rows: dict[str, dict[str, Any]], device: str) 
             continue
         metric = exp["metric"]
         ours = format_value(metric, row["value"]) + (f" ({row['note']})" if row["note"] else "")
+        if row.get("error"):
+            reason = row["error"]
+            ours = "failed: " + (reason if len(reason) <= 100 else reason[:99] + "…")
         base = rows.get(exp.get("baseline") or "")
         cells = [
             exp["name"],
@@ -196,8 +232,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
     for exp in experiments:
         print(f"[results] {exp['name']} ...", flush=True)
-        rows[exp["name"]] = run_experiment(exp, preset.get("max_time"))
-        print(f"[results] {exp['name']}: {exp['metric']} = {rows[exp['name']]['value']:.4f}", flush=True)
+        start = time.perf_counter()
+        try:
+            row = run_experiment(exp, preset.get("max_time"))
+            print(f"[results] {exp['name']}: {exp['metric']} = {row['value']:.4f}", flush=True)
+        except Exception as error:  # one failed experiment is a row of the table, the others still run
+            row = failed_row(error, time.perf_counter() - start)
+            print(f"[results] {exp['name']} failed: {row['error']}", flush=True)
+        rows[exp["name"]] = row
     markdown = table(preset, rows, device)
     out = Path(args.output or Path("runs") / "results" / Path(args.preset).stem)
     out.mkdir(parents=True, exist_ok=True)
@@ -205,11 +247,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (out / "results.json").write_text(json.dumps({"hardware": device, "rows": rows}, indent=2))
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["experiment", "metric", "value", "baseline", "reference", "epochs", "wall_s", "hardware"])
+        writer.writerow(["experiment", "metric", "value", "baseline", "reference", "epochs", "wall_s", "hardware",
+                         "error"])  # fmt: skip
         for exp in experiments:
             row, base = rows[exp["name"]], rows.get(exp.get("baseline") or "")
             writer.writerow([exp["name"], exp["metric"], row["value"], base["value"] if base else "",
-                             exp.get("reference", ""), row["epochs"], f"{row['wall_s']:.1f}", device])  # fmt: skip
+                             exp.get("reference", ""), row["epochs"], f"{row['wall_s']:.1f}", device,
+                             row.get("error", "")])  # fmt: skip
     if args.readme:
         replace_block(args.readme, markdown)
     print(markdown)
@@ -217,4 +261,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from cli_errors import run_command  # errors as one paragraph (TEMPLATE_TRACEBACK=1: the traceback)
+
+    sys.exit(run_command(main))

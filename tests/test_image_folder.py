@@ -96,6 +96,14 @@ def test_bad_trees_are_explained(tmp_path):
         ImageFolderDataModule(data_dir=str(root), channels=2)
 
 
+def test_an_empty_class_folder_is_an_error_naming_it(tmp_path):
+    root = write_tree(tmp_path / "set", {"train": 2})
+    (root / "train" / "empty_class").mkdir()  # would be an 11th output the model never sees an image of
+    (root / "train" / "empty_class" / "notes.txt").write_text("not an image")
+    with pytest.raises(CorruptDataError, match=r"class folder\(s\) .*train/empty_class hold no image files"):
+        ImageFolderDataModule(data_dir=str(root), image_size=(8, 8)).setup("fit")
+
+
 # ---- albumentations ------------------------------------------------------------------------------------------------
 
 

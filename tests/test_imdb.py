@@ -3,6 +3,7 @@ pretrained word vectors, and every IMDB config through the CLI."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -367,3 +368,9 @@ def test_predict_raw_sentences_with_the_saved_vocabulary(imdb_dir, in_tmp):
     probabilities = torch.cat(predict.trainer.predict_loop.predictions)
     assert probabilities.shape == (2,)  # the blank line is skipped
     assert probabilities[0] > 0.5 > probabilities[1]
+    # The scores are written to the run directory: the review's line number, its label, the probability.
+    with (Path(predict.trainer.log_dir) / "predictions.csv").open(newline="") as file:
+        table = list(csv.DictReader(file))
+    assert [(row["id"], row["label"]) for row in table] == [("1", "pos"), ("3", "neg")]
+    assert float(table[0]["p_pos"]) == pytest.approx(float(probabilities[0]), rel=1e-6)
+    assert float(table[1]["probability"]) == pytest.approx(1 - float(probabilities[1]), rel=1e-6)

@@ -326,3 +326,39 @@ def test_max_norm_constrains_each_unit_after_every_step(tmp_path):
     assert max_unit_norm(constrained) <= 1.0 + 1e-5  # ... which max_norm rescales back
     with pytest.raises(ValueError, match="max_norm"):
         MLPClassifier(max_norm=-1.0)
+
+
+class RecordLR(pl.Callback):
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("interval", ["auto", "epoch"])
+def test_one_cycle_steps_per_batch_unless_told_otherwise(tmp_path, interval):
+    """OneCycleLR's total_steps count batches: by default it steps every batch and reaches its peak."""
+    steps = 3 * math.ceil(len(range(1293)) / 64)  # 3 epochs of the digits training split (1,293 images, batch 64)
+    one_cycle = {"class_path": "torch.optim.lr_scheduler.OneCycleLR",
+                 "init_args": {"max_lr": 0.05, "total_steps": steps, "pct_start": 0.3}}  # fmt: skip
+    model = MLPClassifier(
+        input_shape=(1, 28, 28),
+        hidden_units=(32,),
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.05),
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.OneCycleLR(optimizer, **one_cycle["init_args"]),
+        scheduler_interval=interval,
+    )
+    record = RecordLR()
+    trainer = quiet_trainer(tmp_path, max_epochs=3, callbacks=[record], num_sanity_val_steps=0)
+    trainer.fit(model, DigitsDataModule(batch_size=64))
+    assert len(record.lrs) == steps
+    if interval == "auto":
+        assert trainer.lr_scheduler_configs[0].interval == "step"
+        assert max(record.lrs) == pytest.approx(0.05, rel=1e-3)  # the peak, reached after 30 % of the steps
+        assert record.lrs[-1] < 0.05 / 100  # and annealed at the end
+    else:  # stepped once an epoch, as the option says: three values, never near the peak
+        assert trainer.lr_scheduler_configs[0].interval == "epoch"
+        assert len(set(record.lrs)) == 3 and max(record.lrs) < 0.01
+    with pytest.raises(ValueError, match="scheduler_interval='sometimes'"):
+        MLPClassifier(scheduler_interval="sometimes")

@@ -84,3 +84,27 @@ def test_shipped_presets_are_valid(preset, capsys):
     for line in commands:  # every referenced config exists
         configs = [part for part in line.split() if part.endswith(".yaml")]
         assert configs and all(Path(c).is_file() for c in configs)
+
+
+def test_any_logged_metric_works_and_a_failing_experiment_is_a_row(tmp_path):
+    preset = {
+        "title": "Mixed",
+        "experiments": [
+            {"name": "MLP val", "configs": ["configs/quickstart.yaml"], "metric": "val/acc",
+             "args": ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3"]},
+            {"name": "Broken", "configs": ["configs/quickstart.yaml"], "metric": "test/acc",
+             "args": ["--data.init_args.val_size", "5000"]},
+            {"name": "MLP test", "configs": ["configs/quickstart.yaml"], "metric": "test/acc",
+             "args": ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3"]},
+        ],
+    }  # fmt: skip
+    path = tmp_path / "mixed.yaml"
+    path.write_text(yaml.safe_dump(preset))
+    rows = main([str(path), "--output", str(tmp_path / "out")])
+    assert 0.0 <= rows["MLP val"]["value"] <= 1.0 and 0.0 <= rows["MLP test"]["value"] <= 1.0
+    with open(tmp_path / "runs/quickstart/version_0/metrics.csv") as f:  # the best epoch's val/acc
+        logged = [float(r["val/acc"]) for r in csv.DictReader(f) if r.get("val/acc")]
+    assert rows["MLP val"]["value"] in logged
+    assert rows["Broken"]["value"] is None and "val_size=5000" in rows["Broken"]["error"]
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| Broken | `test/acc` | failed: val_size=5000" in table and "| MLP test |" in table
