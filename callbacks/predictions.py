@@ -72,8 +72,11 @@ class PredictionWriter(BasePredictionWriter):
     def write_on_epoch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Sequence[Any], batch_indices: Any
     ) -> None:
-        if predictions and isinstance(predictions[0], list):  # several dataloaders: the first one's
-            predictions, batch_indices = predictions[0], batch_indices[0] if batch_indices else None
+        # Lightning nests both per dataloader (predictions only when there are several): the first one's.
+        if predictions and isinstance(predictions[0], list):
+            predictions = predictions[0]
+        if batch_indices and batch_indices[0] and isinstance(batch_indices[0][0], list):
+            batch_indices = batch_indices[0]
         indexed = []
         offset = 0
         for number, output in enumerate(predictions):

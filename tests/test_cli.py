@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -215,6 +216,12 @@ def test_fit_under_ddp_with_two_cpu_processes(tmp_path):
     assert [p.name for p in runs] == ["version_0"]
     assert (runs[0] / "curves.png").is_file() and (runs[0] / "config.yaml").is_file()
     assert "test/acc = " in result.stderr + result.stdout
+    # predict on 2 processes: each scores half of the 360 test images; the table has all of them, in order.
+    command[2:3] = ["predict", "--ckpt_path", "last"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"rc={result.returncode}\n{result.stderr[-1500:]}"
+    with (tmp_path / "runs" / "quickstart" / "version_1" / "predictions.csv").open(newline="") as file:
+        assert [int(row["id"]) for row in csv.DictReader(file)] == list(range(360))
 
 
 def test_test_best_from_another_working_directory(mnist_dir, tmp_path, monkeypatch):
