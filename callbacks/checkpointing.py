@@ -314,17 +314,18 @@ def _unsafe_load_allowed() -> bool:
     return os.environ.get(UNSAFE_LOAD_OPT_IN, "0").lower() in ("1", "y", "yes", "true")
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """Load a Lightning checkpoint on the CPU without running pickled code, or raise :class:`CheckpointError`.
 
     ``torch.load(weights_only=True)`` only rebuilds tensors and plain Python types; checkpoints written by this
     template contain nothing else. A file that needs more (arbitrary classes, which unpickling would execute) is
     refused unless ``$TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is set to 1, PyTorch's own opt-in, which Lightning's
-    loading honours too. A truncated or damaged file gets an error that names it and says what to do.
+    loading honours too. A truncated or damaged file gets an error that names it and says what to do. ``mmap``
+    maps the tensors instead of reading them (for a look at everything but the weights).
     """
     path = Path(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=not _unsafe_load_allowed())
+        checkpoint = torch.load(path, map_location="cpu", weights_only=not _unsafe_load_allowed(), mmap=mmap)
     except Exception as err:
         # Checkpoints are zip archives: bytes that are not one (random data, a truncated file whose central
         # directory is gone) fail in the fallback unpickler with a misleading "unsupported global" message.

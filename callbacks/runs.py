@@ -42,7 +42,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zer
 
 from callbacks.checkpointing import ResumeState, read_checkpoint, remove_partial_saves
 from callbacks.run_record import RUN_INFO, wandb_run_id
-from callbacks.slurm import JobRequeued
+from callbacks.slurm import JobRequeued, hpc_checkpoint, slurm_job_id
 
 __all__ = [
     "ContinueMetrics",
@@ -99,7 +99,7 @@ def previous_runs(root: Path | None) -> list[Path]:
 
 def _best_path(run: Path) -> Path | None:
     """The best checkpoint ``last.ckpt``'s ModelCheckpoint state names (looked up in this run too)."""
-    state = read_checkpoint(run / CHECKPOINTS / "last.ckpt")
+    state = read_checkpoint(run / CHECKPOINTS / "last.ckpt", mmap=True)
     for key, value in state.get("callbacks", {}).items():
         best = value.get("best_model_path") if key.startswith("ModelCheckpoint") else None
         # The recorded path may be relative to the directory fit ran in.
@@ -115,14 +115,6 @@ def resolve_alias(root: Path | None, which: str) -> Path | None:
         if (run / CHECKPOINTS / "last.ckpt").is_file():
             return run / CHECKPOINTS / "last.ckpt" if which == "last" else _best_path(run)
     return None
-
-
-def newest_hpc_checkpoint(default_root_dir: str | Path | None) -> Path | None:
-    """Lightning's SLURM requeue checkpoint (``<default_root_dir>/hpc_ckpt_<n>.ckpt``, highest n), if any."""
-    folder = Path(default_root_dir or ".")
-    found = [(int(p.stem.removeprefix("hpc_ckpt_")), p) for p in folder.glob("hpc_ckpt_*.ckpt")]
-    found = [(n, p) for n, p in found if p.stem.removeprefix("hpc_ckpt_").isdigit()]
-    return max(found)[1] if found else None
 
 
 def checkpoint_run_dir(path: Path, checkpoint: dict[str, Any]) -> Path | None:
@@ -163,7 +155,7 @@ def find_checkpoint(
         if not Path(ckpt_path).is_file():
             raise RunError(f"--ckpt_path {ckpt_path}: no such file. Pass a .ckpt file, or best / last.")
         return Path(ckpt_path)
-    hpc = newest_hpc_checkpoint(default_root_dir) if subcommand == "fit" and on_slurm else None
+    hpc = hpc_checkpoint(default_root_dir or ".") if subcommand == "fit" and on_slurm else None
     if hpc is not None:
         rank_zero_info(f"SLURM requeue: continuing from {hpc}")
     return hpc
@@ -235,10 +227,8 @@ class RunLock:
 
     @staticmethod
     def _me() -> dict[str, Any]:
-        job = os.environ.get("SLURM_ARRAY_JOB_ID")
-        job = f"{job}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if job else os.environ.get("SLURM_JOB_ID")
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        return {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job": job, "started": started}
+        return {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job": slurm_job_id(), "started": started}
 
     def holder(self) -> dict[str, Any] | None:
         try:
@@ -246,7 +236,7 @@ class RunLock:
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
-            return {}  # written half by a killed process: no one holds it
+            return {}  # unreadable: no process can be holding it
 
     def _stale(self, holder: dict[str, Any]) -> bool:
         me = self._me()
@@ -267,27 +257,32 @@ class RunLock:
         return True
 
     def acquire(self) -> None:
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self.holder()
-                if holder is None or self._stale(holder):
-                    with contextlib.suppress(FileNotFoundError):
-                        self.path.unlink()
-                    continue
-                job = f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else ""
-                raise RunError(
-                    f"Run {self.path.parent} is in use by process {holder.get('pid')} on {holder.get('host')}{job}, "
-                    f"started {holder.get('started')}. Two processes writing one run would mix their metrics and "
-                    "checkpoints, so this one was stopped before writing anything. Wait for that process to end, "
-                    f"or stop it; if it no longer exists, delete {self.path}."
-                ) from None
-            with os.fdopen(fd, "w") as file:
-                json.dump(self._me(), file)
-            self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
-            self._thread.start()
-            return
+        # The lock appears with its content in one step (a hard link of a written file, atomic on local disks and
+        # NFS), so nobody ever reads a half-written one.
+        mine = self.path.with_name(f".{self.FILENAME}.{socket.gethostname()}.{os.getpid()}")
+        mine.write_text(json.dumps(self._me()))
+        try:
+            for _ in range(3):
+                try:
+                    os.link(mine, self.path)
+                except FileExistsError:
+                    holder = self.holder()
+                    if holder is None or self._stale(holder):
+                        with contextlib.suppress(FileNotFoundError):
+                            self.path.unlink()
+                        continue
+                    job = f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else ""
+                    raise RunError(
+                        f"Run {self.path.parent} is in use by process {holder.get('pid')} on {holder.get('host')}"
+                        f"{job}, started {holder.get('started')}. Two processes writing one run would mix their "
+                        "metrics and checkpoints, so this one was stopped before writing anything. Wait for that "
+                        f"process to end, or stop it; if it no longer exists, delete {self.path}."
+                    ) from None
+                self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
+                self._thread.start()
+                return
+        finally:
+            mine.unlink(missing_ok=True)
         raise RunError(f"Could not take the lock {self.path}: other processes keep replacing it.")
 
     def _beat(self) -> None:

@@ -26,12 +26,24 @@ from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-__all__ = ["JobRequeued", "SafeRequeue"]
+__all__ = ["JobRequeued", "SafeRequeue", "hpc_checkpoint"]
 
 
 class JobRequeued(Exception):
     """Raised after the requeue checkpoint is saved and ``scontrol requeue`` was called: this process ends here,
     the requeued job continues the run. ``scripts/train.py`` exits with code 0 on it."""
+
+
+def hpc_checkpoint(folder: str | Path, new: bool = False) -> Path | None:
+    """Lightning's requeue checkpoints are ``<default_root_dir>/hpc_ckpt_<n>.ckpt``: the one of highest ``n``
+    (None if there is none), or with ``new`` the next file name to write."""
+    folder = Path(folder)
+    numbers = [
+        int(m.group(1)) for p in folder.glob("hpc_ckpt_*.ckpt") if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))
+    ]
+    if new:
+        return folder / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
+    return folder / f"hpc_ckpt_{max(numbers)}.ckpt" if numbers else None
 
 
 def slurm_job_id() -> str | None:
@@ -117,9 +129,7 @@ class SafeRequeue(Checkpoint):
             return
         if not trainer.strategy.reduce_boolean_decision(self._received, all=False):  # any rank signalled
             return
-        folder = Path(trainer.default_root_dir)
-        taken = [re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name) for p in folder.glob("hpc_ckpt_*.ckpt")]
-        path = folder / f"hpc_ckpt_{max((int(m.group(1)) for m in taken if m), default=0) + 1}.ckpt"
+        path = hpc_checkpoint(trainer.default_root_dir, new=True)
         rank_zero_info(f"SafeRequeue: {self.signum.name} received; saving {path} at step {trainer.global_step}.")
         trainer.save_checkpoint(path, weights_only=False)  # every rank takes part; rank zero writes
         job = slurm_job_id()

@@ -60,7 +60,8 @@ class TemplateCLI(LightningCLI):
 
     def __init__(self, *args, **kwargs) -> None:
         self.run = Run()  # the run directory this command holds (callbacks/runs.py)
-        self._checkpoint: tuple[Path, dict] | None = None
+        self._ckpt_path: str | None = None
+        self._checkpoint: tuple[Path, dict] | None = None  # the path and the callback states of the checkpoint
         self._undo: list = []
         try:
             super().__init__(*args, parser_class=TemplateParser, **kwargs)
@@ -114,14 +115,15 @@ class TemplateCLI(LightningCLI):
             SLURMEnvironment.detect(),
         )
         if path is not None:
-            checkpoint = read_checkpoint(path)  # weights_only: a damaged or unsafe file is one clear error
+            # weights_only: a damaged or unsafe file is one clear error; mmap: the weights are not read here.
+            checkpoint = read_checkpoint(path, mmap=True)
             with warnings.catch_warnings():  # jsonargparse 4.49+ deprecates skip_none, as LightningCLI still uses it
                 warnings.simplefilter("ignore", DeprecationWarning)
                 dumped = yaml.safe_load(parser.dump(self.config, skip_none=False, skip_link_targets=False))
             model = check_model(path, checkpoint, dumped[subcommand].get("model") or {}, subcommand)
             if model is not None:  # validate/test/predict build the model the checkpoint holds
                 self.config = parser.parse_object({subcommand: {"model": model}}, self.config)
-            self._checkpoint = (path, checkpoint)
+            self._checkpoint = (path, {"callbacks": checkpoint.get("callbacks", {})})
         # Done here, so LightningCLI's own reading of the checkpoint's hyperparameters has nothing left to do;
         # the path is put back before the classes are instantiated.
         self._ckpt_path = str(path) if path is not None else None
