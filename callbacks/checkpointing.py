@@ -27,6 +27,7 @@ import re
 import shutil
 import uuid
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,21 +67,27 @@ class DiskFullError(OSError):
     """A checkpoint could not be written because its disk is full; the previous checkpoints are intact."""
 
 
+def exception_chain(error: BaseException | None) -> Iterator[BaseException]:
+    """``error`` and the exceptions it was raised from or while handling, outermost first."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
 def is_disk_full(error: BaseException) -> bool:
     """Whether ``error`` or an exception it was raised from is a full disk or quota (``ENOSPC``/``EDQUOT``).
 
     torch's zip writer reports a short write as ``RuntimeError: ... unexpected pos ...`` with the ``OSError``
     only in the exception's context, so the whole chain is searched, the message text included.
     """
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+    return any(
+        (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+        or "No space left on device" in str(e)
+        or "Disk quota exceeded" in str(e)
+        for e in exception_chain(error)
+    )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

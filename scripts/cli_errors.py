@@ -25,7 +25,7 @@ import torch
 from jsonargparse import ArgumentParser
 from pytorch_lightning.cli import LightningArgumentParser
 
-from callbacks.checkpointing import is_disk_full
+from callbacks.checkpointing import DiskFullError, exception_chain, is_disk_full
 from callbacks.slurm import JobRequeued
 
 __all__ = ["TRACEBACK_ENV", "ConfigError", "TemplateParser", "describe", "run_command"]
@@ -97,10 +97,8 @@ class TemplateParser(LightningArgumentParser):
 def describe(error: BaseException) -> str:
     """One paragraph for ``error``: its message with the whitespace folded; a full disk says so."""
     if is_disk_full(error):
-        cause, seen = error, set()
-        while cause is not None and id(cause) not in seen:
-            seen.add(id(cause))
-            if type(cause).__name__ == "DiskFullError":
+        for cause in exception_chain(error):
+            if isinstance(cause, DiskFullError):
                 return " ".join(str(cause).split())
             filename = getattr(cause, "filename", None)
             if filename:
@@ -109,7 +107,6 @@ def describe(error: BaseException) -> str:
                     f"(`df -h {os.path.dirname(filename) or '.'}`), or write the runs elsewhere (the loggers' "
                     "save_dir), then resume with --ckpt_path last."
                 )
-            cause = cause.__cause__ or cause.__context__
         return "The disk is full (No space left on device). Free some space, then resume with --ckpt_path last."
     text = " ".join(str(error).split())
     # The template's checks raise its own errors or ValueError/FileNotFoundError with a full sentence; anything
