@@ -117,8 +117,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except BaseException as error:
             with contextlib.suppress(OSError):
                 temporary.unlink()
-            if is_disk_full(error) or (isinstance(error, RuntimeError) and "unexpected pos" in str(error)):
-                free = shutil.disk_usage(target.parent).free / 2**20
+            free = shutil.disk_usage(target.parent).free / 2**20
+            # torch's writer may report a short write only as "unexpected pos": on a (nearly) full disk, that.
+            short_write = isinstance(error, RuntimeError) and "unexpected pos" in str(error) and free < 128
+            if is_disk_full(error) or short_write:
                 full = DiskFullError(
                     f"The disk is full: checkpoint {target} could not be written ({free:.0f} MiB free on its disk). "
                     "The previous checkpoints of the run are intact. Free some space (`df -h "
