@@ -211,11 +211,11 @@ class ResumeState(Callback):
     """
 
     def __init__(self) -> None:
-        self._trainer: pl.Trainer | None = None
+        self._owner: pl.Trainer | None = None
         self._to_restore: list[dict[str, Any]] | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._trainer = trainer
+        self._owner = trainer
 
     def state_dict(self) -> dict[str, Any]:
         states = [rng_states()]
@@ -223,10 +223,10 @@ class ResumeState(Callback):
             # Every rank saves a checkpoint together (Trainer.save_checkpoint ends in a barrier), rank zero writes.
             states = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(states, rng_states())
-        if self._trainer is None:
+        if self._owner is None:
             return {"rng": states}
-        csv_rows = [_csv_rows(logger) for logger in self._trainer.loggers if isinstance(logger, CSVLogger)]
-        return {"rng": states, "csv_rows": csv_rows, "run_dir": str(run_dir(self._trainer).resolve())}
+        csv_rows = [_csv_rows(logger) for logger in self._owner.loggers if isinstance(logger, CSVLogger)]
+        return {"rng": states, "csv_rows": csv_rows, "run_dir": str(run_dir(self._owner).resolve())}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._to_restore = state_dict.get("rng")

@@ -28,8 +28,9 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_modules.base import SchedulerInterval, TemplateModule, check_input_shape, optimizers_from_factories
+from lightning_modules.base import TemplateModule, check_input_shape
 from lightning_modules.layers import Conv2dSame, Dropout, InitName, keras_batch_norm, keras_init_
+from lightning_modules.optim import SchedulerInterval, optimizers_from_factories
 
 AETask = Literal["reconstruct", "denoise", "colorize"]
 BlockStyle = Literal["strided", "bn_pool"]

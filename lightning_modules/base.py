@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from typing import Literal
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import CyclicLR, LinearLR, OneCycleLR, ReduceLROnPlateau
 from torchmetrics import MeanAbsoluteError, Metric, MetricCollection
 from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
 from lightning_modules.layers import InitName, keras_init_
 from lightning_modules.losses import LOSSES, LossName, Task, balanced_class_weights, task_loss, training_class_counts
+from lightning_modules.optim import SchedulerInterval, optimizers_from_factories
 
 
 def warn_if_narrow(widths: Sequence[int], num_classes: int, where: str) -> None:
@@ -34,48 +33,6 @@ def warn_if_narrow(widths: Sequence[int], num_classes: int, where: str) -> None:
             f"{where}: hidden width(s) {narrow} are below the number of classes ({num_classes}); such a "
             "bottleneck loses information the output layer needs. Use at least num_classes units."
         )
-
-
-SchedulerInterval = Literal["auto", "step", "epoch"]
-# Schedulers whose lengths count training steps: OneCycleLR's total_steps, CyclicLR's step_size_up, and a LinearLR
-# warm-up's total_iters as modern recipes use it.
-PER_STEP_SCHEDULERS = (OneCycleLR, CyclicLR, LinearLR)
-
-
-def scheduler_step_interval(scheduler: object, interval: SchedulerInterval = "auto") -> str:
-    """``step`` or ``epoch``: how often Lightning steps ``scheduler``. ``auto`` steps :data:`PER_STEP_SCHEDULERS`
-    after every training step (and says so) and every other scheduler once per epoch."""
-    if interval not in ("auto", "step", "epoch"):
-        raise ValueError(f"scheduler_interval={interval!r}: choose auto, step or epoch.")
-    if interval != "auto":
-        return interval
-    if isinstance(scheduler, PER_STEP_SCHEDULERS):
-        rank_zero_info(
-            f"{type(scheduler).__name__} steps after every training step (scheduler_interval: auto); set "
-            "--model.init_args.scheduler_interval epoch to step it once per epoch."
-        )
-        return "step"
-    return "epoch"
-
-
-def optimizers_from_factories(
-    optimizer_factory: OptimizerCallable,
-    scheduler_factory: LRSchedulerCallable | None,
-    parameters: Iterator[nn.Parameter],
-    interval: SchedulerInterval = "auto",
-):
-    """``configure_optimizers``' return value from the config's optimiser and optional scheduler factories.
-
-    The scheduler steps as :func:`scheduler_step_interval` says; ``ReduceLROnPlateau`` monitors ``val/loss``.
-    """
-    optimizer = optimizer_factory(parameters)
-    if scheduler_factory is None:
-        return optimizer
-    scheduler = scheduler_factory(optimizer)
-    config = {"scheduler": scheduler, "interval": scheduler_step_interval(scheduler, interval)}
-    if isinstance(scheduler, ReduceLROnPlateau):
-        config["monitor"] = "val/loss"
-    return {"optimizer": optimizer, "lr_scheduler": config}
 
 
 def check_input_shape(datamodule: pl.LightningDataModule, input_shape: Sequence[int], hint: str = "") -> None:

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lightning_modules.base import SchedulerInterval, TemplateModule, check_input_shape, optimizers_from_factories
+from lightning_modules.base import TemplateModule, check_input_shape
+from lightning_modules.optim import SchedulerInterval, optimizers_from_factories
 
 Episode = dict[str, Tensor]
 
