@@ -80,13 +80,10 @@ class FiniteLossGuard(Callback):
         bad = not bool(self._finite)
         if trainer.world_size > 1:
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
-        steps = (
-            f"step {trainer.global_step}"
-            if trainer.global_step - self._checked_step <= 1
-            else f"one of steps {self._checked_step + 1}-{trainer.global_step}"
-        )
-        self._finite, self._checked_step = None, trainer.global_step
-        if bad:
+        first, self._finite, self._checked_step = self._checked_step + 1, None, trainer.global_step
+        if bad:  # the message is built only then: this runs after every step on a CPU
+            now = trainer.global_step
+            steps = f"step {now}" if now <= first else f"one of steps {first}-{now}"
             shown = loss is not None and loss.numel() == 1 and not math.isfinite(float(loss))
             value = f"{float(loss)}" if shown else "NaN or infinite"
             self._stop(trainer, f"The training loss became {value} at {steps}")
