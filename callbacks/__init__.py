@@ -10,13 +10,13 @@ from callbacks.activations import ActivationMaps
 from callbacks.batch_scaling import GlobalBatchSize
 from callbacks.checkpointing import AtomicCheckpointIO, LastCheckpoint, ResumeState
 from callbacks.confusion import ConfusionMatrix
-from callbacks.ema import SmoothedCurves
+from callbacks.curves import SmoothedCurves
 from callbacks.filters import FilterPatterns, filter_patterns
 from callbacks.generative import ConditionalAccuracy, GANSamples, LatentSpace, PredictionGrid, ReconstructionGrid
 from callbacks.gradcam import GradCAM, grad_cam
 from callbacks.guards import FiniteLossGuard
 from callbacks.images import run_dir, save_and_log_figure
-from callbacks.lr import EpochLRSchedule, ReduceLROnPlateau
+from callbacks.lr import EpochLRSchedule, ReduceLROnPlateauCallback
 from callbacks.predictions import PredictionWriter
 from callbacks.profiler import NullProfiler
 from callbacks.slurm import SafeRequeue
@@ -39,7 +39,7 @@ __all__ = [
     "PredictionGrid",
     "PredictionWriter",
     "ReconstructionGrid",
-    "ReduceLROnPlateau",
+    "ReduceLROnPlateauCallback",
     "ResumeState",
     "SafeRequeue",
     "SmoothedCurves",

@@ -2,7 +2,7 @@
 
 Accuracy hides *which* classes are confused; the matrix shows it. The callback reads the logits the module
 already computes (a forward hook on the LightningModule: no second forward pass), turns them into class
-predictions with the module's own rule (``_metric_inputs`` of :class:`~lightning_modules.base.ClassificationModule`:
+predictions with the module's own rule (``_metric_inputs`` of :class:`~lightning_modules.base.SupervisedModule`:
 argmax for multiclass, sign of the logit for binary, one-hot targets accepted), accumulates a torchmetrics
 ``ConfusionMatrix`` (summed across DDP processes when computed) and draws it on global rank zero, through
 :func:`callbacks.images.save_and_log_figure` (PNG in the run folder, TensorBoard, W&B).
@@ -60,7 +60,7 @@ class ConfusionMatrix(Callback):
         filename: Folder/prefix of the PNGs in the run folder: ``<filename>/val.png`` (overwritten, the
             loggers keep every epoch under one tag with a step slider) and ``<filename>/test.png``.
 
-    Works with multiclass and binary :class:`~lightning_modules.base.ClassificationModule` subclasses; a
+    Works with multiclass and binary :class:`~lightning_modules.base.SupervisedModule` subclasses; a
     regression module is skipped with no picture.
     """
 

@@ -20,7 +20,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-__all__ = ["EpochLRSchedule", "ReduceLROnPlateau"]
+__all__ = ["EpochLRSchedule", "ReduceLROnPlateauCallback"]
 
 Mode = Literal["min", "max", "auto"]
 
@@ -41,7 +41,7 @@ def _fmt_lrs(lrs: Sequence[float]) -> str:
     return ", ".join(f"{lr:.3g}" for lr in lrs)
 
 
-class ReduceLROnPlateau(Callback):
+class ReduceLROnPlateauCallback(Callback):
     """Multiply the learning rate by ``factor`` once ``monitor`` has stopped improving (Keras' callback).
 
     The monitored value is read from ``trainer.callback_metrics`` at the end of every validation run of
@@ -136,7 +136,7 @@ class ReduceLROnPlateau(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if any(config.reduce_on_plateau for config in trainer.lr_scheduler_configs):
             rank_zero_warn(
-                "The module configures a ReduceLROnPlateau scheduler and the ReduceLROnPlateau callback is "
+                "The module configures a ReduceLROnPlateau scheduler and the ReduceLROnPlateauCallback is "
                 "active too: both will cut the lr. Keep one of them."
             )
 
@@ -167,7 +167,7 @@ class ReduceLROnPlateau(Callback):
         metrics = trainer.callback_metrics
         if self.monitor not in metrics:
             raise RuntimeError(
-                f"ReduceLROnPlateau monitors `{self.monitor}`, which was not logged. Available metrics: "
+                f"ReduceLROnPlateauCallback monitors `{self.monitor}`, which was not logged. Available metrics: "
                 f"`{'`, `'.join(metrics) or '(none)'}`. Pass one of them as `monitor` (or log `{self.monitor}`)."
             )
         current = float(trainer.strategy.broadcast(float(metrics[self.monitor]), src=0))
@@ -200,7 +200,7 @@ class ReduceLROnPlateau(Callback):
         self.num_reductions += 1
         if self.verbose:
             rank_zero_info(
-                f"Epoch {trainer.current_epoch}: ReduceLROnPlateau: `{self.monitor}` did not improve on "
+                f"Epoch {trainer.current_epoch}: ReduceLROnPlateauCallback: `{self.monitor}` did not improve on "
                 f"{self.best:.5g} for {self.patience} epochs; lr {_fmt_lrs(old)} -> {_fmt_lrs(new)}."
             )
         return True
@@ -215,7 +215,7 @@ class EpochLRSchedule(Callback):
 
     At a milestone the current lr is multiplied by ``factors[i] / factors[i - 1]`` (by ``factors[0]`` at
     the first) rather than set to ``base_lr * factors[i]``, so changes made by others in between (e.g. a
-    :class:`ReduceLROnPlateau` cut) persist: with a plateau cut of 0.1 before epoch 80, the lr from epoch
+    :class:`ReduceLROnPlateauCallback` cut) persist: with a plateau cut of 0.1 before epoch 80, the lr from epoch
     80 on is ``base_lr * 0.1 * 0.1``. Without such changes both readings agree. The base lrs and the
     factor in force are in :meth:`state_dict`, so a resumed run neither repeats nor skips a step.
 

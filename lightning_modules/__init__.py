@@ -1,7 +1,7 @@
 """One LightningModule per topic of the notes; the supervised ones share a classification base."""
 
 from lightning_modules.autoencoder import AutoEncoder
-from lightning_modules.base import ClassificationModule
+from lightning_modules.base import SupervisedModule
 from lightning_modules.baseline import BaselineModule
 from lightning_modules.cnn import CNNClassifier
 from lightning_modules.densenet import DenseNetClassifier
@@ -19,7 +19,6 @@ __all__ = [
     "AutoEncoder",
     "BaselineModule",
     "CNNClassifier",
-    "ClassificationModule",
     "DenseNetClassifier",
     "MLPClassifier",
     "MultiHotMLPClassifier",
@@ -28,6 +27,7 @@ __all__ = [
     "RNNClassifier",
     "ResNetClassifier",
     "SequenceClassifier",
+    "SupervisedModule",
     "TransferClassifier",
     "YNetworkClassifier",
 ]

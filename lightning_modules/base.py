@@ -112,7 +112,7 @@ class EpochMean(Metric):
         return self.total / self.weight
 
 
-class ClassificationModule(TemplateModule):
+class SupervisedModule(TemplateModule):
     """Supervised base module. Subclasses set ``self.net`` after calling ``super().__init__``.
 
     Args:

@@ -23,17 +23,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_modules.base import ClassificationModule
+from lightning_modules.base import SupervisedModule
 
 # A baseline has nothing to optimise by design; Lightning's notice about it is noise.
 warnings.filterwarnings("ignore", ".*`configure_optimizers` returned `None`.*")
 
 
-class BaselineModule(ClassificationModule):
+class BaselineModule(SupervisedModule):
     """Majority-class (classification) or mean (regression) predictor, fitted on the training split.
 
     Args:
-        **kwargs: See :class:`~lightning_modules.base.ClassificationModule` (``task``, ``num_classes``,
+        **kwargs: See :class:`~lightning_modules.base.SupervisedModule` (``task``, ``num_classes``,
             ``input_shape``; optimiser, initialisation and regularisation options are accepted and unused).
 
     Nothing is optimised (manual optimisation, no optimiser); one training epoch gathers the statistics. More

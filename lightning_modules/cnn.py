@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lightning_modules.base import ClassificationModule
+from lightning_modules.base import SupervisedModule
 from lightning_modules.layers import ActivationName, Dropout, activation
 
 
@@ -43,7 +43,7 @@ class ConvNet(nn.Sequential):
         super().__init__(body, nn.Flatten(), Dropout(dropout), nn.Linear(flat, out_features))
 
 
-class CNNClassifier(ClassificationModule):
+class CNNClassifier(SupervisedModule):
     """A plain convnet classifier.
 
     Args:
@@ -54,7 +54,7 @@ class CNNClassifier(ClassificationModule):
         padding: ``valid`` (Keras default, no padding) or ``same``.
         dropout: Dropout after Flatten.
         activation: Activation by name.
-        **kwargs: See :class:`~lightning_modules.base.ClassificationModule`.
+        **kwargs: See :class:`~lightning_modules.base.SupervisedModule`.
     """
 
     def __init__(

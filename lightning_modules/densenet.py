@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.base import ClassificationModule
+from lightning_modules.base import SupervisedModule
 from lightning_modules.layers import Conv2dSame, Dropout, he_normal_init_, keras_batch_norm
 
 
@@ -182,7 +182,7 @@ class DenseNet(nn.Module):
         return self.fc(self.flatten(self.pool(self.features(x))))
 
 
-class DenseNetClassifier(ClassificationModule):
+class DenseNetClassifier(SupervisedModule):
     """The book's CIFAR-10 DenseNet-BC (k 12, depth 100, compression 0.5).
 
     Args:
@@ -192,7 +192,7 @@ class DenseNetClassifier(ClassificationModule):
         bottleneck: BN-ReLU-Conv1x1(4k) before every BN-ReLU-Conv3x3(k).
         dropout: After every conv; the book uses 0.2 only when it trains without augmentation, 0 in its recipe.
         input_shape: ``(C, H, W)``; CIFAR-10 is ``(3, 32, 32)``.
-        **kwargs: See :class:`~lightning_modules.base.ClassificationModule`. Here ``init: keras`` means the book's
+        **kwargs: See :class:`~lightning_modules.base.SupervisedModule`. Here ``init: keras`` means the book's
             initialisation: he_normal (truncated) kernels and zero biases, not glorot_uniform.
     """
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from lightning_modules.base import ClassificationModule, warn_if_narrow
+from lightning_modules.base import SupervisedModule, warn_if_narrow
 from lightning_modules.layers import ActivationName, Dropout, activation
 
 
@@ -30,14 +30,14 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
 
 
-class MLPClassifier(ClassificationModule):
+class MLPClassifier(SupervisedModule):
     """A multilayer perceptron on flattened inputs.
 
     Args:
         hidden_units: Width of each hidden Dense layer (keep them wider than the class count).
         dropout: Dropout rate after each hidden layer.
         activation: Hidden activation by name (relu, elu, selu, softplus, tanh, sigmoid, ...).
-        **kwargs: See :class:`~lightning_modules.base.ClassificationModule`.
+        **kwargs: See :class:`~lightning_modules.base.SupervisedModule`.
     """
 
     def __init__(

@@ -26,7 +26,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from lightning_modules.base import ClassificationModule
+from lightning_modules.base import SupervisedModule
 from lightning_modules.layers import Conv2dSame, he_normal_init_, keras_batch_norm
 
 
@@ -252,7 +252,7 @@ def create_resnet(name: str, **kwargs) -> ResNet:
 # ---- module -------------------------------------------------------------------------------------------------------
 
 
-class ResNetClassifier(ClassificationModule):
+class ResNetClassifier(SupervisedModule):
     """The book's CIFAR-10 ResNet v1 / v2.
 
     Args:
@@ -261,7 +261,7 @@ class ResNetClassifier(ClassificationModule):
         l2: Weight of the L2 penalty ``l2 * sum(w**2)`` over every conv kernel (Keras ``kernel_regularizer``; not
             biases, BN or the Dense head), added to the training loss. 0 disables it.
         input_shape: ``(C, H, W)``; CIFAR-10 is ``(3, 32, 32)``.
-        **kwargs: See :class:`~lightning_modules.base.ClassificationModule`. Here ``init: keras`` means the book's
+        **kwargs: See :class:`~lightning_modules.base.SupervisedModule`. Here ``init: keras`` means the book's
             initialisation for these nets: he_normal (truncated) kernels and zero biases, not glorot_uniform.
 
     The logged ``train/loss`` is the data loss only; the loss that is optimised is ``train/loss`` plus the penalty,

@@ -11,7 +11,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from lightning_modules.base import ClassificationModule, warn_if_narrow
+from lightning_modules.base import SupervisedModule, warn_if_narrow
 from lightning_modules.layers import LockedDropout
 
 CellName = Literal["rnn", "lstm", "gru"]
@@ -44,7 +44,7 @@ class RowRNN(nn.Module):
         return self.head(out[:, -1])
 
 
-class RNNClassifier(ClassificationModule):
+class RNNClassifier(SupervisedModule):
     """A recurrent classifier reading an image row by row.
 
     Args:
@@ -53,7 +53,7 @@ class RNNClassifier(ClassificationModule):
         num_layers: Stacked recurrent layers (the notes: stack only when one layer underfits).
         dropout: Input dropout with one mask per sequence (Keras ``dropout``).
         nonlinearity: ``tanh`` or ``relu`` for the simple RNN cell.
-        **kwargs: See :class:`~lightning_modules.base.ClassificationModule`.
+        **kwargs: See :class:`~lightning_modules.base.SupervisedModule`.
     """
 
     def __init__(

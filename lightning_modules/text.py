@@ -24,7 +24,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from datamodules.base import CorruptDataError
-from lightning_modules.base import ClassificationModule
+from lightning_modules.base import SupervisedModule
 from lightning_modules.layers import LockedDropout
 from lightning_modules.losses import Task
 from lightning_modules.mlp import MLPClassifier
@@ -273,7 +273,7 @@ class SequenceNet(nn.Module):
         return self.head(h)
 
 
-class SequenceClassifier(ClassificationModule):
+class SequenceClassifier(SupervisedModule):
     """Reviews as word-index sequences -> Embedding -> RNN family / Conv1D -> one logit.
 
     Book recipes (``configs/imdb``): Embedding 32 -> SimpleRNN 32 (~85 % val), -> LSTM 32 (~89 %),
@@ -297,7 +297,7 @@ class SequenceClassifier(ClassificationModule):
         embedding_file: GloVe-format text file loaded into the embedding at the start of ``fit`` (coverage is
             reported); ``None`` learns the embedding from scratch.
         freeze_embedding: Keep the embedding fixed during training (the book freezes pretrained vectors).
-        **kwargs: See :class:`~lightning_modules.base.ClassificationModule`.
+        **kwargs: See :class:`~lightning_modules.base.SupervisedModule`.
     """
 
     def __init__(

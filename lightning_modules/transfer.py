@@ -73,7 +73,7 @@ from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from torch.utils.data import DataLoader
 from torchvision.models import WeightsEnum
 
-from lightning_modules.base import ClassificationModule, warn_if_narrow
+from lightning_modules.base import SupervisedModule, warn_if_narrow
 from lightning_modules.layers import Dropout, keras_init_
 
 Mode = Literal["feature_extraction", "frozen", "finetune"]
@@ -412,7 +412,7 @@ class TransferFinetuning(BaseFinetuning):
 # ---- module ---------------------------------------------------------------------------------------------------------
 
 
-class TransferClassifier(ClassificationModule):
+class TransferClassifier(SupervisedModule):
     """A torchvision conv base (pretrained) with a new dense head; see the module docstring for the workflow.
 
     Args:
@@ -435,7 +435,7 @@ class TransferClassifier(ClassificationModule):
         train_bn: ``finetune``: also train the BatchNorm layers of the unfrozen blocks (affine parameters and batch
             statistics). Off by default: they keep their pretrained statistics, in eval mode.
         input_shape: ``(C, H, W)`` of the data (C 3, or 1: repeated to RGB).
-        **kwargs: See :class:`~lightning_modules.base.ClassificationModule` (``num_classes``, ``task``, ``optimizer``,
+        **kwargs: See :class:`~lightning_modules.base.SupervisedModule` (``num_classes``, ``task``, ``optimizer``,
             ``init`` (applied to the head only), ...).
     """
 

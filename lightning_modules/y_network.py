@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.base import ClassificationModule
+from lightning_modules.base import SupervisedModule
 from lightning_modules.layers import ActivationName, Dropout, activation
 
 MergeName = Literal["concat", "add", "multiply"]
@@ -80,7 +80,7 @@ class YNet(nn.Module):
         return self.head(self._merged(*inputs))
 
 
-class YNetworkClassifier(ClassificationModule):
+class YNetworkClassifier(SupervisedModule):
     """Two-branch (Y-shaped) convnet with different dilation rates per branch.
 
     Args:
@@ -90,7 +90,7 @@ class YNetworkClassifier(ClassificationModule):
         dropout: Dropout inside the branches and before the head.
         merge: ``concat`` (book), ``add`` or ``multiply``.
         activation: Activation by name.
-        **kwargs: See :class:`~lightning_modules.base.ClassificationModule`.
+        **kwargs: See :class:`~lightning_modules.base.SupervisedModule`.
     """
 
     def __init__(

@@ -19,7 +19,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks import ActivationMaps, EpochLRSchedule, ReduceLROnPlateau, SmoothedCurves, save_and_log_figure
+from callbacks import ActivationMaps, EpochLRSchedule, ReduceLROnPlateauCallback, SmoothedCurves, save_and_log_figure
 from datamodules import DigitsDataModule
 from lightning_modules import CNNClassifier
 
@@ -85,7 +85,7 @@ def read_csv_metrics(logger: CSVLogger) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-# ---- ReduceLROnPlateau -----------------------------------------------------------------------------------
+# ---- ReduceLROnPlateauCallback -----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
@@ -99,7 +99,7 @@ def read_csv_metrics(logger: CSVLogger) -> list[dict[str, str]]:
 )
 def test_plateau_cuts_after_patience(tmp_path, kwargs, expected):
     model = Scripted(val={"val/loss": [1.0]})
-    callback = ReduceLROnPlateau(patience=2, factor=0.5, min_delta=0.0, verbose=False, **kwargs)
+    callback = ReduceLROnPlateauCallback(patience=2, factor=0.5, min_delta=0.0, verbose=False, **kwargs)
     make_trainer(tmp_path, [callback], max_epochs=len(expected)).fit(model)
     assert model.lrs == pytest.approx(expected)
 
@@ -107,7 +107,7 @@ def test_plateau_cuts_after_patience(tmp_path, kwargs, expected):
 def test_plateau_improvement_resets_and_auto_mode(tmp_path):
     # val/acc (auto -> max) improves, then stalls from epoch 3 on: bad epochs 4, 5 -> cut after epoch 5
     model = Scripted(val={"val/acc": [0.1, 0.2, 0.3, 0.4, 0.4, 0.35]}, lr=1.0)
-    callback = ReduceLROnPlateau(monitor="val/acc", patience=2, verbose=False)
+    callback = ReduceLROnPlateauCallback(monitor="val/acc", patience=2, verbose=False)
     trainer = make_trainer(tmp_path, [callback], max_epochs=7, num_sanity_val_steps=1)  # sanity check ignored
     trainer.fit(model)
     assert callback.mode == "max"
@@ -119,13 +119,13 @@ def test_plateau_improvement_resets_and_auto_mode(tmp_path):
 def test_plateau_min_delta(tmp_path):
     # improvements of 0.01 are below min_delta=0.05: bad epochs 1, 2 -> cut after epoch 2
     model = Scripted(val={"val/loss": [1.0, 0.99, 0.98, 0.97]})
-    callback = ReduceLROnPlateau(patience=2, min_delta=0.05, verbose=False)
+    callback = ReduceLROnPlateauCallback(patience=2, min_delta=0.05, verbose=False)
     make_trainer(tmp_path, [callback], max_epochs=4).fit(model)
     assert model.lrs == pytest.approx([0.1, 0.1, 0.1, 0.01])
 
 
 def test_plateau_missing_monitor_names_available_keys(tmp_path):
-    callback = ReduceLROnPlateau(monitor="val/nope")
+    callback = ReduceLROnPlateauCallback(monitor="val/nope")
     with pytest.raises(RuntimeError, match=r"val/nope.*val/loss"):
         make_trainer(tmp_path, [callback], max_epochs=1).fit(Scripted())
 
@@ -135,13 +135,13 @@ def test_plateau_missing_monitor_names_available_keys(tmp_path):
 )
 def test_plateau_rejects_bad_args(kwargs):
     with pytest.raises(ValueError):
-        ReduceLROnPlateau(**kwargs)
+        ReduceLROnPlateauCallback(**kwargs)
 
 
 def test_plateau_state_dict_round_trip():
-    callback = ReduceLROnPlateau(patience=3)
+    callback = ReduceLROnPlateauCallback(patience=3)
     callback.best, callback.wait, callback.cooldown_counter, callback.num_reductions = 0.5, 2, 1, 4
-    restored = ReduceLROnPlateau(patience=3)
+    restored = ReduceLROnPlateauCallback(patience=3)
     restored.load_state_dict(callback.state_dict())
     assert (
         restored.state_dict()
@@ -156,7 +156,7 @@ def test_resumed_run_continues_lr_counting(tmp_path):
 
     def callbacks():
         return [
-            ReduceLROnPlateau(patience=2, factor=0.5, min_delta=0.0, verbose=False),
+            ReduceLROnPlateauCallback(patience=2, factor=0.5, min_delta=0.0, verbose=False),
             EpochLRSchedule(milestones=[4], factors=[0.1], verbose=False),
         ]
 
@@ -190,7 +190,7 @@ def test_epoch_schedule_keeps_plateau_cut(tmp_path):
     model = Scripted(val={"val/loss": [3.0, 2.0, 2.0, 1.0, 0.5, 0.25]}, lr=0.1)
     callbacks = [
         EpochLRSchedule(milestones=[1, 4], factors=[0.1, 0.01], verbose=False),
-        ReduceLROnPlateau(patience=1, factor=0.5, min_delta=0.0, verbose=False),
+        ReduceLROnPlateauCallback(patience=1, factor=0.5, min_delta=0.0, verbose=False),
     ]
     make_trainer(tmp_path, callbacks, max_epochs=6).fit(model)
     assert model.lrs == pytest.approx([0.1, 0.01, 0.01, 0.005, 0.0005, 0.0005])
@@ -373,7 +373,7 @@ def test_callbacks_under_ddp(tmp_path, fresh_port):
     model = CNNClassifier(filters=(4,))
     logger = CSVLogger(tmp_path, version=0)  # else the main process numbers its own version after the workers
     callbacks = [
-        ReduceLROnPlateau(monitor="train/loss", mode="max", patience=1, check_on_train_epoch_end=True),
+        ReduceLROnPlateauCallback(monitor="train/loss", mode="max", patience=1, check_on_train_epoch_end=True),
         EpochLRSchedule(milestones=[2], factors=[0.5]),
         SmoothedCurves(),
         ActivationMaps(),
@@ -406,7 +406,7 @@ class AssertSameLR(Callback):
 @pytest.mark.slow
 def test_plateau_decision_follows_rank_zero_under_ddp(tmp_path, fresh_port):
     logger = CSVLogger(tmp_path, version=0)
-    callbacks = [ReduceLROnPlateau(patience=1, factor=0.5, min_delta=0.0), AssertSameLR()]
+    callbacks = [ReduceLROnPlateauCallback(patience=1, factor=0.5, min_delta=0.0), AssertSameLR()]
     trainer = make_trainer(tmp_path, callbacks, max_epochs=3, strategy="ddp_spawn", devices=2, logger=logger)
     trainer.fit(RankDependent())
     lrs = [float(row["lr"]) for row in read_csv_metrics(logger) if row.get("lr")]
