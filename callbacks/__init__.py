@@ -9,10 +9,11 @@ Every callback is safe under DDP: files and images are written by global rank ze
 from callbacks.activations import ActivationMaps
 from callbacks.batch_scaling import GlobalBatchSize
 from callbacks.checkpointing import AtomicCheckpointIO, LastCheckpoint, ResumeState
+from callbacks.conditional_accuracy import ConditionalAccuracy
 from callbacks.confusion import ConfusionMatrix
 from callbacks.curves import SmoothedCurves
 from callbacks.filters import FilterPatterns, filter_patterns
-from callbacks.generative import ConditionalAccuracy, GANSamples, LatentSpace, PredictionGrid, ReconstructionGrid
+from callbacks.generative import GANSamples, LatentSpace, PredictionGrid, ReconstructionGrid
 from callbacks.gradcam import GradCAM, grad_cam
 from callbacks.guards import FiniteLossGuard
 from callbacks.images import run_dir, save_and_log_figure
