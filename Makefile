@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install quickstart test test-all lint format clean
+.PHONY: install env quickstart test test-all lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,20 +20,29 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# test, test-all, lint and format install only where $(VENV) has never been installed (a fresh clone, CI); an
+# installed environment is reused as it is, even when pyproject.toml is newer than its stamp (they say so:
+# `make install` updates it). VENV=<path> points them at another environment that `make install VENV=<path>` set up.
+NEED_INSTALL := $(if $(wildcard $(VENV)/.installed),,$(VENV)/.installed)
+
+env: $(NEED_INSTALL)
+	@if [ pyproject.toml -nt $(VENV)/.installed ]; then \
+		echo "note: pyproject.toml changed since $(VENV) was installed; using it as it is (\`make install\` updates it)"; fi
+
 quickstart: install
 	$(BIN)/python scripts/train.py fit -c configs/quickstart.yaml
 
-test: install
+test: env
 	$(BIN)/python -m pytest -q
 
-test-all: install
+test-all: env
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
-lint: install
+lint: env
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-format: install
+format: env
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
