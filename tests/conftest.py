@@ -1,65 +1,16 @@
-"""Fixtures that write tiny datasets in their real on-disk formats (no downloads, no mocks of the loaders)."""
+"""Fixtures of the tests: tiny datasets in their real on-disk formats (written by :mod:`datamodules.synthetic`, no
+downloads, no mocks of the loaders), a quiet CPU trainer, and W&B's process-wide state reset after each test."""
 
 from __future__ import annotations
 
-import gzip
-import pickle
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from datamodules.synthetic import write_cifar10, write_idx, write_mnist
 
-def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> Path:
-    """Write ``array`` (uint8) as an IDX file: magic 0x0000 08 <ndim>, big-endian dims, raw bytes."""
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    data = header + array.astype(np.uint8).tobytes()
-    if compress:
-        path = path.with_name(path.name + ".gz")
-        with gzip.open(path, "wb") as f:
-            f.write(data)
-    else:
-        path.write_bytes(data)
-    return path
-
-
-def fake_digits(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Learnable 28x28 images: class k lights up a bar at row 2k (plus noise)."""
-    labels = rng.integers(0, 10, n).astype(np.uint8)
-    images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
-    for i, k in enumerate(labels):
-        images[i, 2 * k + 4 : 2 * k + 6, 4:24] = 255
-    return images, labels
-
-
-def write_mnist(root: Path, n_train: int = 256, n_test: int = 64, compress: bool = False) -> Path:
-    """A tiny MNIST in torchvision's raw layout ``root/MNIST/raw/*-ubyte[.gz]``; returns ``root``."""
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        images, labels = fake_digits(n, rng)
-        write_idx(raw / f"{prefix}-images-idx3-ubyte", images, compress)
-        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels, compress)
-    return root
-
-
-def write_cifar10(root: Path, per_batch: int = 20, n_test: int = 30) -> Path:
-    """Tiny ``cifar-10-batches-py``: 5 training batches, a test batch and the meta file, real pickle layout."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    batches = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for name in batches:
-        n = n_test if name == "test_batch" else per_batch
-        labels = rng.integers(0, 10, n).tolist()
-        data = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)
-        with open(folder / name, "wb") as f:
-            pickle.dump({"data": data, "labels": labels, "batch_label": name}, f)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
-    return root
+__all__ = ["quiet_trainer", "write_cifar10", "write_idx", "write_mnist"]
 
 
 def quiet_trainer(tmp_path: Path, **overrides):
