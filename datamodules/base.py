@@ -1,29 +1,39 @@
-"""Shared machinery for image datasets small enough to live in memory as ``uint8`` tensors.
+"""The base of the image datamodules: datasets small enough to live in memory as ``uint8`` tensors.
 
 A dataset is decoded once into an ``(N, C, H, W)`` ``uint8`` tensor. A batch is one tensor slice
 (``__getitems__``, no per-sample Python work); the float conversion and normalisation happen once per
 batch in ``on_after_batch_transfer``, i.e. on the GPU when there is one, where moving ``uint8`` also costs
 a quarter of the bytes of ``float32``. Normalisation statistics come from the training split only and are
 applied unchanged to validation, test and predict batches (a requirement of the notes).
+
+The training order and the loaders (seeded, DDP-sharded, resumable in mid-epoch) are :mod:`datamodules.loaders`;
+the train/val split and the k-fold options are :mod:`datamodules.splits`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from datamodules.augment import BatchAugment, SampleAugment
+from datamodules.loaders import (  # noqa: F401  (Resumable*, collate_batch: still importable from here)
+    DeviceBatchLoader,
+    ResumableDataLoader,
+    ResumablePosition,
+    ResumableSampler,
+    collate_batch,
+    slicing_loader,
+    training_sampler,
+)
+from datamodules.splits import check_fold, train_val_indices
 
 Normalization = Literal["scale", "standardize", "per_pixel_mean"]
 TargetFormat = Literal["index", "one_hot"]
@@ -107,251 +117,6 @@ class AugmentedDataset(Dataset):
         return self.augment(images), targets
 
 
-def collate_batch(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """``__getitems__`` already returns a batch: nothing left to collate."""
-    return batch
-
-
-def training_seed() -> int:
-    """The run's seed as ``seed_everything`` recorded it (``$PL_GLOBAL_SEED``), else 0, identical on every rank.
-
-    Lightning seeds its own ``DistributedSampler`` the same way, so every rank draws the same permutation.
-    """
-    return int(os.environ.get("PL_GLOBAL_SEED", 0))
-
-
-def _resized(order: list[int], size: int) -> list[int]:
-    """``order`` cut to ``size``, or padded by repeating it from the start (``DistributedSampler``'s padding)."""
-    if size <= len(order):
-        return order[:size]
-    return (order * math.ceil(size / len(order)))[:size]
-
-
-class ResumableSampler(DistributedSampler):
-    """The training order: a function of ``(seed, epoch)``, sharded across ranks, resumable in mid-epoch.
-
-    It is :class:`~torch.utils.data.DistributedSampler` (same permutation ``randperm(n)`` seeded with
-    ``seed + epoch``, same padding, same sharding: rank ``r`` of ``W`` takes positions ``r, r + W, ...``) with a
-    start position: after a restore the epoch continues at the first sample that no rank has trained on. The
-    position counts samples across all ranks, so it maps onto any world size; with the world size of the
-    interrupted run every rank continues exactly where it stopped.
-
-    Being a ``DistributedSampler``, it is left in place by Lightning's ``use_distributed_sampler`` (which would
-    otherwise wrap or replace it); :meth:`ImageDataModule.train_dataloader` gives it the world size and rank.
-    ``len()`` is the full epoch's per-rank count even when resuming: Lightning counts the batches the
-    interrupted epoch already did and only asks for the rest.
-
-    Args:
-        dataset: The dataset to sample (only its length is used).
-        num_replicas: Processes sharing each epoch (the world size); 1 without DDP.
-        rank: Global rank of this process.
-        shuffle: Shuffle every epoch; ``False`` keeps the dataset order.
-        seed: Shuffle seed, identical on every rank (see :func:`training_seed`).
-        drop_last: Drop the tail that does not split evenly across ranks instead of padding with repeats.
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        num_replicas: int = 1,
-        rank: int = 0,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = False,
-    ) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        self.start = 0  # samples of this epoch's order (all ranks together) already trained on
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:  # a new epoch starts at its beginning; the same epoch keeps a restored start
-            self.start = 0
-        super().set_epoch(epoch)
-
-    def epoch_order(self) -> list[int]:
-        """All ranks' samples of the current epoch, in order: rank ``r`` takes ``order[r::num_replicas]``."""
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(len(self.dataset), generator=generator).tolist()
-        else:
-            order = list(range(len(self.dataset)))
-        return _resized(order, self.total_size)
-
-    def __iter__(self) -> Iterator[int]:
-        rest = self.epoch_order()[self.start :]
-        if rest and len(rest) % self.num_replicas:
-            # Only after a restore on a different world size: give every rank the same number of samples.
-            size = len(rest) // self.num_replicas if self.drop_last else math.ceil(len(rest) / self.num_replicas)
-            rest = _resized(rest, size * self.num_replicas)
-        return iter(rest[self.rank :: self.num_replicas])
-
-
-class ResumablePosition:
-    """The position in the epoch of a loader drawn by a :class:`ResumableSampler`, as a checkpointable state.
-
-    Lightning's fit loop saves ``state_dict()`` of every training dataloader that has one into each checkpoint
-    (``loops.fit_loop.state_dict.combined_loader``) and, when ``fit`` restores a checkpoint, calls
-    ``load_state_dict()`` before the first batch is drawn. The state is the sampler's epoch, seed and position
-    plus the loader's generator: a restored loader yields exactly the batches the interrupted run had not trained
-    on yet, in the same order. Batches are counted as the loader yields them, which is when Lightning consumes
-    them (it prefetches nothing from loaders with a length), so worker prefetching does not distort the count.
-    With any other sampler the state is empty. A loader class mixes this in and wraps its batches in
-    :meth:`_counted`; it has ``sampler``, ``batch_size`` and ``generator`` attributes.
-    """
-
-    sampler: Any
-    batch_size: int | None
-    generator: torch.Generator | None
-    _iter_epoch: int | None = None  # epoch of the iteration in progress
-    _iter_start = 0  # sampler position at which it began
-    _yielded = 0  # batches it has yielded
-
-    def _counted(self, batches: Iterator[Any]) -> Iterator[Any]:
-        # A generator: the sampler is read when the first batch is requested, i.e. after Lightning's set_epoch().
-        sampler = self.sampler
-        if isinstance(sampler, ResumableSampler):
-            self._iter_epoch, self._iter_start, self._yielded = sampler.epoch, sampler.start, 0
-        for batch in batches:
-            self._yielded += 1
-            yield batch
-
-    def state_dict(self) -> dict[str, Any]:
-        sampler = self.sampler
-        if not isinstance(sampler, ResumableSampler) or self.batch_size is None:
-            return {}
-        position = sampler.start
-        if self._iter_epoch == sampler.epoch:  # else the epoch's iteration has not begun yet
-            position = self._iter_start + self._yielded * self.batch_size * sampler.num_replicas
-        state = {
-            "epoch": sampler.epoch,
-            "position": min(position, sampler.total_size),
-            "seed": sampler.seed,
-            "num_replicas": sampler.num_replicas,
-        }
-        if self.generator is not None:
-            state["generator"] = self.generator.get_state()
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        sampler = self.sampler
-        if not state_dict or not isinstance(sampler, ResumableSampler):
-            return
-        if state_dict["num_replicas"] != sampler.num_replicas:
-            rank_zero_warn(
-                f"Resuming on {sampler.num_replicas} processes a run that trained on {state_dict['num_replicas']}: "
-                "the rest of the interrupted epoch is re-sharded over the new processes (no sample is skipped; a "
-                "few may repeat), so the run will not match an uninterrupted one exactly."
-            )
-        # The saved seed wins: the resumed run continues the interrupted run's sequence of epoch orders.
-        sampler.seed = state_dict["seed"]
-        sampler.epoch = state_dict["epoch"]
-        sampler.start = state_dict["position"]
-        self._iter_epoch = None
-        if self.generator is not None and "generator" in state_dict:
-            self.generator.set_state(state_dict["generator"])
-
-
-class ResumableDataLoader(ResumablePosition, DataLoader):
-    """A ``DataLoader`` whose position in the epoch travels with Lightning's checkpoints (see
-    :class:`ResumablePosition`); with any sampler but a :class:`ResumableSampler` an ordinary ``DataLoader``."""
-
-    def __iter__(self) -> Iterator[Any]:
-        return self._counted(super().__iter__())
-
-
-class DeviceBatchLoader(ResumablePosition):
-    """Training batches cut from a copy of the dataset that lives on the training device (airbench style).
-
-    The images and labels move to the device once (already normalised when the datamodule can afford the float
-    copy, see ``ImageDataModule.device_resident``); each batch is then one indexing op on the device: no DataLoader
-    machinery, no per-batch host-to-device copy or normalisation. The order is the :class:`ResumableSampler`'s
-    (same seeded permutation, same per-rank shard, same mid-epoch resume), so it yields exactly the batches a
-    :class:`ResumableDataLoader` over the same sampler would.
-
-    Args:
-        dataset: The in-memory training set.
-        batch_size: Per-device batch size (the last batch may be smaller, as ``drop_last=False``).
-        sampler: The order of the epoch (its ``set_epoch`` is called by Lightning through ``loader.sampler``).
-        resident: Returns ``(images, labels)`` on the training device, asked at each epoch start (the owner
-            caches them); default: the dataset's own tensors.
-    """
-
-    generator = None
-
-    def __init__(
-        self,
-        dataset: InMemoryImageDataset,
-        batch_size: int,
-        sampler: ResumableSampler,
-        resident: Callable[[], tuple[Tensor, Tensor]] | None = None,
-    ) -> None:
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.sampler = sampler
-        self.resident = resident or (lambda: (dataset.images, dataset.targets))
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.sampler) / self.batch_size)
-
-    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
-        images, targets = self.resident()
-        order = torch.tensor(list(iter(self.sampler)), dtype=torch.long).to(images.device, non_blocking=True)
-        for index in order.split(self.batch_size):
-            yield images[index], targets[index]
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        return self._counted(self._batches())
-
-
-def trainer_shard(trainer: pl.Trainer | None) -> tuple[int, int]:
-    """(world size, global rank) for a training sampler: Lightning's values under DDP, else (1, 0).
-
-    With ``Trainer(use_distributed_sampler=False)`` every rank gets the whole epoch, as Lightning would do.
-    """
-    kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
-    if not kwargs or not trainer._accelerator_connector.use_distributed_sampler:
-        return 1, 0
-    return kwargs["num_replicas"], kwargs["rank"]
-
-
-def training_sampler(dataset: Dataset, trainer: pl.Trainer | None) -> ResumableSampler:
-    """The training order of every datamodule: seeded by the run's seed, sharded over the trainer's ranks."""
-    num_replicas, rank = trainer_shard(trainer)
-    return ResumableSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=training_seed())
-
-
-def slicing_loader(
-    dataset: Dataset,
-    batch_size: int,
-    *,
-    train: bool,
-    trainer: pl.Trainer | None = None,
-    num_workers: int = 0,
-    pin_memory: bool = True,
-    sampler: ResumableSampler | None = None,
-) -> DataLoader:
-    """The datamodules' loader recipe for datasets with ``__getitems__`` (a batch is one slice, no collate).
-
-    Training loaders are :class:`ResumableDataLoader` over ``sampler`` (default :func:`training_sampler`: order =
-    f(seed, epoch), per-rank shards, mid-epoch resume); evaluation loaders keep the dataset order unless a
-    ``sampler`` is given. Every loader draws its workers' base seed from its own generator, never from the global
-    RNG: creating a loader iterator must not shift the dropout masks (a resumed run creates its iterators at
-    other times).
-    """
-    if train and sampler is None:
-        sampler = training_sampler(dataset, trainer)
-    loader_class = ResumableDataLoader if sampler is not None else DataLoader
-    return loader_class(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        collate_fn=collate_batch,
-        pin_memory=pin_memory and torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
-        generator=torch.Generator().manual_seed(training_seed()),
-    )
-
-
 def channel_stats(images: Tensor) -> tuple[Tensor, Tensor]:
     """Exact per-channel mean and std (in pixel units) of ``uint8`` images, from a 256-bin histogram.
 
@@ -367,18 +132,6 @@ def channel_stats(images: Tensor) -> tuple[Tensor, Tensor]:
         means.append(mean)
         stds.append(var.sqrt().clamp_min(1e-6))
     return torch.stack(means).float(), torch.stack(stds).float()
-
-
-def split_indices(n: int, val_size: int | float, seed: int) -> tuple[Tensor, Tensor]:
-    """A seeded shuffled split of ``range(n)`` into (train, val); ``val_size`` is a count or a fraction."""
-    n_val = round(val_size * n) if isinstance(val_size, float) else int(val_size)
-    if not 0 <= n_val < n:
-        raise ValueError(
-            f"val_size={val_size} asks for {n_val} validation samples out of {n} training samples; "
-            "pass a count below the training-set size or a fraction in [0, 1)."
-        )
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return perm[n_val:], perm[:n_val]
 
 
 class EvalLoaders:
@@ -405,7 +158,7 @@ class ImageDataModule(EvalLoaders, pl.LightningDataModule):
     Args:
         data_dir: Folder holding the dataset (default ``$DATA_DIR`` or ``./data``).
         val_size: Validation samples carved from the official training split (count or fraction),
-            with a seeded shuffle. The official test split stays the test split.
+            with a seeded shuffle. The official test split stays the test split. Unused when ``fold`` is set.
         batch_size: Per-device batch size: under DDP the global batch is ``batch_size x world size``.
         eval_batch_size: Batch size for validation/test/predict (default: ``batch_size``).
         num_workers: DataLoader workers. 0 is fastest for in-memory tensors.
@@ -422,11 +175,17 @@ class ImageDataModule(EvalLoaders, pl.LightningDataModule):
             the matching loss either way).
         channels_last: Hand batches to the model in ``channels_last`` memory format (faster convs on GPUs).
         device_resident: Keep the training set on the training device and cut batches there
-            (:class:`DeviceBatchLoader`): the fastest path for data this size. It applies when ``num_workers`` is 0
-            and there is no ``sample_augment`` (those run in a DataLoader on the host); ``False`` uses a
-            ``DataLoader`` always. Same batches, same order, same resume either way.
-        seed: Seed of the train/val split, independent of the training seed. The order of the training
-            batches follows the run's seed (``seed_everything``) and the epoch: see :class:`ResumableSampler`.
+            (:class:`~datamodules.loaders.DeviceBatchLoader`): the fastest path for data this size. It applies
+            when ``num_workers`` is 0 and there is no ``sample_augment`` (those run in a DataLoader on the host);
+            ``False`` uses a ``DataLoader`` always. Same batches, same order, same resume either way.
+        seed: Seed of the train/val split (and of the folds), independent of the training seed. The order of the
+            training batches follows the run's seed (``seed_everything``) and the epoch: see
+            :class:`~datamodules.loaders.ResumableSampler`.
+        fold: Cross-validation: validate on fold ``fold`` (0-based) of the official training split cut into
+            ``num_folds`` seeded, class-stratified folds and train on the others, instead of the ``val_size``
+            hold-out (see :mod:`datamodules.splits`). ``None``: no folds.
+        num_folds: Number of folds K when ``fold`` is set (at least 2).
+        stratify_folds: Keep every fold's class proportions (``StratifiedKFold``); ``False``: plain ``KFold``.
     """
 
     num_classes: int
@@ -448,8 +207,12 @@ class ImageDataModule(EvalLoaders, pl.LightningDataModule):
         channels_last: bool = False,
         device_resident: bool = True,
         seed: int = 42,
+        fold: int | None = None,
+        num_folds: int = 5,
+        stratify_folds: bool = True,
     ) -> None:
         super().__init__()
+        check_fold(fold, num_folds)
         if normalize not in ("scale", "standardize", "per_pixel_mean"):
             raise ValueError(
                 f"normalize={normalize!r}: choose 'scale' (pixels / 255), 'standardize' or 'per_pixel_mean'."
@@ -485,7 +248,10 @@ class ImageDataModule(EvalLoaders, pl.LightningDataModule):
 
     def _setup_train_val(self) -> None:
         images, labels = self.load_split("train")
-        train_idx, val_idx = split_indices(len(images), self.hparams.val_size, self.hparams.seed)
+        hp = self.hparams
+        train_idx, val_idx = train_val_indices(
+            labels, hp.val_size, hp.seed, fold=hp.fold, num_folds=hp.num_folds, stratify=hp.stratify_folds
+        )
         self.train_set = self._dataset(images[train_idx], labels[train_idx])
         self.val_set = self._dataset(images[val_idx], labels[val_idx])
         if self.mean is None:

@@ -59,14 +59,15 @@ class ImageFolderDataModule(ImageDataModule):
         channels: 3 (RGB) or 1 (grayscale); images are converted on decoding.
         train_split: Sub-folder of the training images.
         val_split: Sub-folder of the validation images. When it does not exist, ``val_size`` images are carved
-            from the training split with a seeded shuffle instead.
+            from the training split with a seeded shuffle instead. With ``fold`` set it is not read: the folds
+            are cut from the training split.
         test_split: Sub-folder of the test images (needed by ``test`` and ``predict`` only).
         cache_dir: Folder for the decoded tensors (default ``<data_dir>/.cache``); ``prepare_data`` writes one
             file per split, keyed by file names, sizes, modification times and the decoding options, so any
             change decodes again. When the folder is not writable the images are decoded on every run.
         decode_workers: Threads decoding images (PIL releases the GIL while decoding).
         **kwargs: :class:`~datamodules.base.ImageDataModule` options (``val_size``, ``batch_size``, ``normalize``,
-            ``augment``, ``sample_augment``, ...).
+            ``augment``, ``sample_augment``, ``fold``, ``num_folds``, ...).
     """
 
     def __init__(
@@ -205,8 +206,9 @@ class ImageFolderDataModule(ImageDataModule):
 
     # ---- splits ------------------------------------------------------------------------------------------------
     def _setup_train_val(self) -> None:
-        if self.hparams.val_split == self.hparams.train_split or not self.split_dir(self.hparams.val_split).is_dir():
-            return super()._setup_train_val()  # carve val_size images from the training split
+        hp = self.hparams
+        if hp.fold is not None or hp.val_split == hp.train_split or not self.split_dir(hp.val_split).is_dir():
+            return super()._setup_train_val()  # a fold of, or val_size images carved from, the training split
         self.train_set = self._dataset(*self.load_folder(self.hparams.train_split))
         self.val_set = self._dataset(*self.load_folder(self.hparams.val_split))
         if self.mean is None:

@@ -11,285 +11,36 @@ downloaded by :meth:`OmniglotDataModule.prepare_data`), or any extracted tree ``
 
 Speed: every PNG is decoded once, resized (28x28 by default) and kept as one ``uint8`` tensor; the tensor is
 also cached on disk (keyed by the file list and the options, written atomically in ``prepare_data``), so a
-later run loads it in well under a second and an episode is one tensor index, not a hundred PNG decodes.
+later run loads it in well under a second and an episode is one tensor index, not a hundred PNG decodes
+(:mod:`datamodules.omniglot_images`).
 
 Episodes are a function of ``(seed, epoch, episode number)`` only: the same seed gives the same episodes,
 every process of a DDP run draws its own share of them (no two ranks train on the same episode), and a run
-resumed in mid-epoch continues with the episodes it had not seen (the sampler is a
-:class:`~datamodules.base.ResumableSampler`).
+resumed in mid-epoch continues with the episodes it had not seen (:mod:`datamodules.episodes`).
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
-from PIL import Image, UnidentifiedImageError
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from datamodules.base import (
-    CorruptDataError,
-    DataNotFoundError,
-    EvalLoaders,
-    ResumableSampler,
-    atomic_save,
-    default_data_dir,
-    slicing_loader,
-    trainer_shard,
-    training_seed,
+from datamodules.base import CorruptDataError, DataNotFoundError, EvalLoaders, default_data_dir
+from datamodules.episodes import EpisodeDataset, EpisodeSampler
+from datamodules.loaders import slicing_loader, trainer_shard, training_seed
+from datamodules.omniglot_images import (  # noqa: F401  (load_image, CharacterImages: still importable from here)
+    CharacterImages,
+    load_image,
+    load_tree,
 )
 
 SplitName = Literal["alphabets", "characters"]
-CACHE_VERSION = 1  # bump when decoding changes, so stale caches are never read
-IMAGE_SUFFIXES = (".png",)
 STREAMS = {"train": 0, "val": 1, "test": 2}  # independent random streams per split
-
-
-# ---- decoding and caching ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class CharacterImages:
-    """Every drawing of a set of characters as one ``uint8`` tensor.
-
-    ``images[offsets[i] : offsets[i] + counts[i]]`` are the drawings of ``characters[i]`` (``"Alphabet/character"``).
-    """
-
-    images: Tensor  # uint8 (N, 1, S, S)
-    characters: list[str]
-    offsets: Tensor  # int64 (num_characters,)
-    counts: Tensor  # int64 (num_characters,)
-
-    @property
-    def alphabets(self) -> list[str]:
-        return [name.split("/", 1)[0] for name in self.characters]
-
-    def select(self, keep: Sequence[int]) -> CharacterImages:
-        """The same image tensor (no copy) with only the characters at positions ``keep``."""
-        keep_t = torch.as_tensor(list(keep), dtype=torch.long)
-        return CharacterImages(
-            self.images, [self.characters[i] for i in keep], self.offsets[keep_t], self.counts[keep_t]
-        )
-
-    @staticmethod
-    def concat(parts: Sequence[CharacterImages]) -> CharacterImages:
-        """One table of several trees; a character present in several (same ``Alphabet/character``) is kept once."""
-        images, characters, offsets, counts, base, seen = [], [], [], [], 0, set()
-        for part in parts:
-            keep = [i for i, name in enumerate(part.characters) if name not in seen]
-            seen.update(part.characters)
-            images.append(part.images)
-            characters += [part.characters[i] for i in keep]
-            offsets.append(part.offsets[keep] + base)
-            counts.append(part.counts[keep])
-            base += len(part.images)
-        return CharacterImages(torch.cat(images), characters, torch.cat(offsets), torch.cat(counts))
-
-
-def scan_tree(root: Path) -> list[tuple[str, list[Path]]]:
-    """``[("Alphabet/character", [drawing paths])]`` of a tree ``root/<Alphabet>/<character>/*.png``, sorted."""
-    if not root.is_dir():
-        raise DataNotFoundError(
-            f"Omniglot folder {root} does not exist. Point background_dir / evaluation_dir at an extracted tree "
-            "<Alphabet>/<character>/*.png (what images_background.zip and images_evaluation.zip extract to), or "
-            "leave them unset to use (and download) torchvision's <data_dir>/omniglot-py/."
-        )
-    characters = []
-    for alphabet in sorted(p for p in root.iterdir() if p.is_dir()):
-        for character in sorted(p for p in alphabet.iterdir() if p.is_dir()):
-            files = sorted(p for p in character.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if files:
-                characters.append((f"{alphabet.name}/{character.name}", files))
-    if not characters:
-        deeper = next(root.glob("*/*/*/*.png"), None)
-        hint = (
-            f" The PNGs sit one level deeper (e.g. {deeper}): use {deeper.parents[2]} as the folder."
-            if deeper is not None
-            else ""
-        )
-        raise DataNotFoundError(
-            f"{root} holds no Omniglot drawings: expected the layout <Alphabet>/<character>/*.png "
-            f"(e.g. {root}/Latin/character01/0683_01.png).{hint}"
-        )
-    return characters
-
-
-def load_image(path: Path, image_size: int, invert: bool = True) -> np.ndarray:
-    """One drawing as a ``uint8`` ``(size, size)`` array: grayscale, resized with antialiasing, strokes bright.
-
-    Omniglot strokes are black on white; ``invert`` makes them 255 on 0 (as MNIST, and as Snell et al.'s
-    ``1 - x``), so zero padding and max pooling see the background as "nothing".
-    """
-    try:
-        with Image.open(path) as image:
-            image = image.convert("L")
-            if image.size != (image_size, image_size):
-                image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            array = np.asarray(image, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise CorruptDataError(
-            f"Cannot decode {path} ({type(err).__name__}: {err}). The file is damaged or not an image; replace it "
-            "with the original from the Omniglot zip (or delete it: a character needs only shot + query drawings)."
-        ) from err
-    return 255 - array if invert else array.copy()
-
-
-def decode_tree(characters: list[tuple[str, list[Path]]], image_size: int, invert: bool) -> CharacterImages:
-    """Decode every drawing of a scanned tree into one :class:`CharacterImages`."""
-    counts = [len(files) for _, files in characters]
-    images = np.empty((sum(counts), 1, image_size, image_size), dtype=np.uint8)
-    i = 0
-    for _, files in characters:
-        for path in files:
-            images[i, 0] = load_image(path, image_size, invert)
-            i += 1
-    counts_t = torch.tensor(counts, dtype=torch.long)
-    offsets = torch.cumsum(counts_t, 0) - counts_t
-    return CharacterImages(torch.from_numpy(images), [name for name, _ in characters], offsets, counts_t)
-
-
-def cache_key(characters: list[tuple[str, list[Path]]], image_size: int, invert: bool) -> str:
-    """A digest of the options and of every file's relative path, size and modification time."""
-    digest = hashlib.sha1(f"v{CACHE_VERSION}|{image_size}|{invert}".encode())
-    for name, files in characters:
-        for path in files:
-            stat = path.stat()
-            digest.update(f"|{name}/{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:16]
-
-
-def _read_cache(path: Path) -> CharacterImages | None:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return CharacterImages(state["images"], list(state["characters"]), state["offsets"], state["counts"])
-    except Exception as err:  # a damaged cache is only a cache: decode again
-        rank_zero_warn(f"Ignoring the unreadable Omniglot cache {path} ({type(err).__name__}: {err}); decoding.")
-        return None
-
-
-def load_tree(
-    root: Path, image_size: int = 28, invert: bool = True, cache_dir: Path | None = None, write_cache: bool = False
-) -> CharacterImages:
-    """The drawings of ``root`` from the cache in ``cache_dir`` when it matches, else decoded (and cached when
-    ``write_cache``; only ``prepare_data`` writes, so one process per node does)."""
-    characters = scan_tree(root)
-    path = None
-    if cache_dir is not None:
-        path = cache_dir / f"omniglot_{root.name}_{image_size}px_{cache_key(characters, image_size, invert)}.pt"
-        if path.is_file():
-            cached = _read_cache(path)
-            if cached is not None:
-                return cached
-    rank_zero_info(f"Decoding {sum(len(f) for _, f in characters)} Omniglot drawings in {root} ...")
-    decoded = decode_tree(characters, image_size, invert)
-    if write_cache and path is not None:
-        state = {
-            "images": decoded.images,
-            "characters": decoded.characters,
-            "offsets": decoded.offsets,
-            "counts": decoded.counts,
-        }
-        try:
-            atomic_save(state, path)
-        except OSError as err:  # e.g. a read-only shared dataset folder: run without the cache
-            rank_zero_warn(f"Cannot write the Omniglot cache {path} ({err}); set cache_dir to a writable folder.")
-    return decoded
-
-
-# ---- episodes ----------------------------------------------------------------------------------------------------
-
-
-class EpisodeDataset(Dataset):
-    """Episodes drawn from a pool of classes; an episode is a function of ``(seed, epoch, index)``.
-
-    A class is a ``(character, quarter turns)`` pair: with rotations, a character rotated by 90/180/270 degrees
-    is a new class, and all its drawings in the episode (support and query) are rotated alike.
-
-    Keys come from :class:`EpisodeSampler`; ``__getitems__`` receives a one-key batch and returns one episode::
-
-        support         uint8 (way * shot, C, H, W)   class-major: shot drawings of class 0, then of class 1, ...
-        support_labels  int64 (way * shot,)           in [0, way)
-        query           uint8 (way * query, C, H, W)
-        query_labels    int64 (way * query,)
-        classes         int64 (way, 2)                (character index, quarter turns) of each episode class
-        episode         int64 ()                      the episode number (tells padded DDP repeats apart)
-    """
-
-    def __init__(
-        self,
-        table: CharacterImages,
-        classes: Tensor,
-        way: int,
-        shot: int,
-        query: int,
-        episodes: int,
-        stream: int = 0,
-    ) -> None:
-        self.table, self.classes = table, classes
-        self.way, self.shot, self.query, self.episodes, self.stream = way, shot, query, episodes, stream
-        # The rotated copies are made once (x4 memory of this split, 60 MB for all of Omniglot's background set):
-        # an episode is then a single gather from (turns, N, C, H, W), with no per-episode image work.
-        turns = int(classes[:, 1].max()) + 1 if len(classes) else 1
-        images = table.images
-        self.views = torch.stack([torch.rot90(images, k, dims=(-2, -1)) if k else images for k in range(turns)])
-        self.views = self.views.flatten(0, 1)  # row = turn * N + image
-
-    def __len__(self) -> int:
-        return self.episodes
-
-    def episode(self, seed: int, epoch: int, index: int) -> dict[str, Tensor]:
-        rng = np.random.default_rng([seed, self.stream, epoch, index])
-        picked = self.classes[torch.from_numpy(rng.choice(len(self.classes), self.way, replace=False))]
-        per_class = self.shot + self.query
-        characters, turns = picked[:, 0], picked[:, 1]
-        counts = self.table.counts[characters].numpy()
-        # shot + query distinct drawings per class: the first ones of a random order of its drawings.
-        keys = rng.random((self.way, int(counts.max())))
-        keys[np.arange(keys.shape[1]) >= counts[:, None]] = np.inf
-        drawings = torch.from_numpy(np.argsort(keys, axis=1)[:, :per_class])
-        rows = turns[:, None] * len(self.table.images) + self.table.offsets[characters][:, None] + drawings
-        labels = torch.arange(self.way)
-        return {
-            "support": self.views[rows[:, : self.shot].reshape(-1)],
-            "support_labels": labels.repeat_interleave(self.shot),
-            "query": self.views[rows[:, self.shot :].reshape(-1)],
-            "query_labels": labels.repeat_interleave(self.query),
-            "classes": picked,
-            "episode": torch.tensor(index),
-        }
-
-    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Tensor]:
-        return self.episode(*key)
-
-    def __getitems__(self, keys: list[tuple[int, int, int]]) -> dict[str, Tensor]:
-        if len(keys) != 1:
-            raise ValueError(f"an episode is a batch: load EpisodeDataset with batch_size=1 (got {len(keys)} keys)")
-        return self.episode(*keys[0])
-
-
-class EpisodeSampler(ResumableSampler):
-    """Yields ``(seed, epoch, episode number)`` keys; rank ``r`` of ``W`` takes episode numbers ``r, r + W, ...``.
-
-    A :class:`ResumableSampler` over the episode numbers, so the keys are sharded, padded and resumed exactly as
-    the image datasets' samples are. With ``vary_with_epoch=False`` (validation and test) every epoch has the same
-    episodes, so validation scores are comparable from epoch to epoch.
-    """
-
-    def __init__(self, dataset: EpisodeDataset, vary_with_epoch: bool = True, **kwargs: Any) -> None:
-        super().__init__(dataset, shuffle=False, **kwargs)
-        self.vary_with_epoch = vary_with_epoch
-
-    def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        epoch = self.epoch if self.vary_with_epoch else 0
-        return ((self.seed, epoch, index) for index in super().__iter__())
 
 
 def _count(value: int | float, total: int, what: str) -> int:
@@ -329,7 +80,7 @@ class OmniglotDataModule(EvalLoaders, pl.LightningDataModule):
         val_classes: Validation characters (count or fraction; ``characters`` split).
         test_classes: Test characters (count or fraction; ``characters`` split).
         image_size: Side of the square images (28 as Vinyals et al. and Snell et al.).
-        invert: Strokes bright on a dark background (see :func:`load_image`).
+        invert: Strokes bright on a dark background (see :func:`~datamodules.omniglot_images.load_image`).
         rotations: Rotated training characters as new classes (x4 training classes).
         train_way, train_shot, train_query: N, K and queries per class of training episodes (Snell et al.
             train with more classes than they test: 60-way, 5 queries, shot as at test time).

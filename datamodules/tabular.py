@@ -20,7 +20,9 @@ from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.base import EvalLoaders, slicing_loader, split_indices
+from datamodules.base import EvalLoaders
+from datamodules.loaders import slicing_loader
+from datamodules.splits import check_fold, train_val_indices
 
 
 class TensorRows(Dataset):
@@ -47,13 +49,15 @@ class DiabetesDataModule(EvalLoaders, pl.LightningDataModule):
 
     Args:
         test_size: Fraction held out as the test split (fixed seed 0, identical across runs and folds).
-        val_size: Validation fraction or count carved from the rest with a seeded shuffle (0 for none).
+        val_size: Validation fraction or count carved from the rest with a seeded shuffle (0 for none). Unused
+            when ``fold`` is set.
         batch_size: Per-device batch size.
         standardize: Standardise features with the training split's mean and std (the book does).
-        seed: Seed of the train/val split.
-
-    For :mod:`scripts.kfold` the module exposes its training pool (train + val before the split) through
-    :meth:`fold_targets` and takes a fold's indices into it with :meth:`use_fold`.
+        seed: Seed of the train/val split (and of the folds).
+        fold: Cross-validation: validate on fold ``fold`` (0-based) of the training pool (everything but the
+            test split) cut into ``num_folds`` seeded folds (``KFold``: the targets are continuous), train on the
+            others (see :mod:`datamodules.splits`). ``None``: the ``val_size`` hold-out.
+        num_folds: Number of folds K when ``fold`` is set (at least 2).
     """
 
     num_classes = 1  # one regression output; lets configs pair it with ``num_classes: 1`` models
@@ -67,15 +71,17 @@ class DiabetesDataModule(EvalLoaders, pl.LightningDataModule):
         batch_size: int = 16,
         standardize: bool = True,
         seed: int = 42,
+        fold: int | None = None,
+        num_folds: int = 5,
     ) -> None:
         super().__init__()
+        check_fold(fold, num_folds)
         self.save_hyperparameters()
         self.train_set: TensorRows | None = None
         self.val_set: TensorRows | None = None
         self.test_set: TensorRows | None = None
         self.mean: Tensor | None = None
         self.std: Tensor | None = None
-        self._fold: tuple[np.ndarray, np.ndarray] | None = None
         self._pool, self._test = self._load()
 
     def _load(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
@@ -84,23 +90,17 @@ class DiabetesDataModule(EvalLoaders, pl.LightningDataModule):
         as_t = lambda idx: (torch.from_numpy(x[idx]).float(), torch.from_numpy(y[idx]).float())  # noqa: E731
         return as_t(pool_idx), as_t(test_idx)
 
-    # ---- k-fold protocol -----------------------------------------------------------------------------
     def fold_targets(self) -> np.ndarray:
-        """Targets of the whole training pool, in the order :meth:`use_fold` indexes."""
+        """Targets of the whole training pool (train + val: what ``val_size`` and the folds split)."""
         return self._pool[1].numpy()
-
-    def use_fold(self, train_idx: np.ndarray, val_idx: np.ndarray) -> None:
-        """Train on ``pool[train_idx]``, validate on ``pool[val_idx]`` (empty: no validation) from now on."""
-        self._fold = (np.asarray(train_idx), np.asarray(val_idx))
-        self.mean = self.std = None
 
     # ---- Lightning hooks -----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         features, targets = self._pool
-        if self._fold is not None:
-            train_idx, val_idx = (torch.as_tensor(i, dtype=torch.long) for i in self._fold)
-        else:
-            train_idx, val_idx = split_indices(len(targets), self.hparams.val_size, self.hparams.seed)
+        hp = self.hparams
+        train_idx, val_idx = train_val_indices(
+            targets, hp.val_size, hp.seed, fold=hp.fold, num_folds=hp.num_folds, stratify=False
+        )
         self.train_set = TensorRows(features[train_idx], targets[train_idx])
         self.val_set = TensorRows(features[val_idx], targets[val_idx])
         self.test_set = TensorRows(*self._test)

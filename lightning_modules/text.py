@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from datamodules.base import CorruptDataError
 from lightning_modules.base import SupervisedModule
 from lightning_modules.layers import LockedDropout
 from lightning_modules.losses import Task
@@ -193,7 +192,7 @@ def load_word_vectors(path: str | Path, words: Sequence[str], dim: int) -> tuple
 
     Returns ``(vectors (len(words), dim), found (len(words),) bool)``; words the file lacks get zero rows (the
     book's recipe). A word2vec-style first line ``<count> <dim>`` is skipped. A line with another number of
-    values is a :class:`~datamodules.base.CorruptDataError` naming the file, the line and the fix.
+    values is a ``ValueError`` naming the file, the line and the fix.
     """
     path = Path(path)
     if not path.is_file():
@@ -211,7 +210,7 @@ def load_word_vectors(path: str | Path, words: Sequence[str], dim: int) -> tuple
             if number == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
                 continue  # word2vec text header
             if len(parts) - 1 != dim:
-                raise CorruptDataError(
+                raise ValueError(
                     f"{path}, line {number}: {len(parts) - 1} values after the word {parts[0]!r}, but the embedding "
                     f"has embedding_dim={dim}. Set --model.init_args.embedding_dim to the file's dimension (e.g. "
                     "100 for glove.6B.100d.txt), or use a file of that dimension."
@@ -221,7 +220,7 @@ def load_word_vectors(path: str | Path, words: Sequence[str], dim: int) -> tuple
                 try:
                     vectors[index] = torch.tensor([float(v) for v in parts[1:]])
                 except ValueError:
-                    raise CorruptDataError(f"{path}, line {number}: non-numeric values after {parts[0]!r}.") from None
+                    raise ValueError(f"{path}, line {number}: non-numeric values after {parts[0]!r}.") from None
                 found[index] = True
     return vectors, found
 

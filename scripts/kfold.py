@@ -5,24 +5,23 @@
     python scripts/kfold.py --folds 4 -c configs/tabular/diabetes_mlp.yaml -c configs/logger/wandb.yaml
 
 The notes' workflow (*About K-fold Cross Validation*, *Epoch Plot*): split the training data into K folds
-(scikit-learn's ``StratifiedKFold`` for classification, keeping every fold's class ratios, ``KFold`` for
-regression; shuffled with ``--fold_seed``), train one model per fold with the same config, average the
-per-epoch validation curves across folds, smooth the mean curve (EMA, the book's ``factor=0.9``), pick the
-epoch where it is best, then train once more on *all* training data for that many epochs and test once.
+(stratified for classification, keeping every fold's class ratios; shuffled with ``--fold_seed``), train one model
+per fold with the same config, average the per-epoch validation curves across folds, smooth the mean curve (EMA,
+the book's ``factor=0.9``), pick the epoch where it is best, then train once more on *all* training data for that
+many epochs and test once.
 
-Everything after the script's own options goes to ``scripts/train.py``'s CLI (``-c`` configs, overrides).
+The folds are the datamodules' own options (:mod:`datamodules.splits`): fold ``i`` is the ordinary run
+``scripts/train.py fit ... --data.init_args.fold i --data.init_args.num_folds K --data.init_args.seed <fold_seed>``
+(validation on the i-th fold of the official training split, statistics from the other folds, test split
+untouched), so a cluster can also run the folds as K parallel jobs. This script runs them one after another in
+this process (one device), then summarises. Everything after the script's own options goes to
+``scripts/train.py``'s CLI (``-c`` configs, overrides).
+
 Each fold is its own run: ``<save_dir>/<name>_kfold/<stamp>/fold<i>`` for the CSV/TensorBoard loggers and a
 W&B run in one group (``<name>_kfold_<stamp>``, job types ``fold`` and ``retrain``). The summary folder
 ``<save_dir>/<name>_kfold/<stamp>/`` gets ``folds.csv`` (per fold best epoch and value), ``mean_curve.csv``,
 ``summary.md`` (mean +- std, the chosen epoch, the retrain's test metrics), ``summary.json`` and
 ``kfold_curves.png`` (mean curve raw and smoothed, per-fold spread, the chosen epoch).
-
-A datamodule takes part when it can expose its training pool: either the k-fold protocol of
-:class:`datamodules.tabular.DiabetesDataModule` (``fold_targets()`` and ``use_fold(train_idx, val_idx)``), or any
-:class:`datamodules.base.ImageDataModule` (its official training split is the pool; the test split stays
-untouched). Normalisation statistics are recomputed from each fold's training part.
-
-Folds run one after another in this process; run it on one device per job (several jobs can share a cluster).
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ import json
 import math
 import sys
 import time
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +43,6 @@ from PIL import Image
 from pytorch_lightning import Callback, LightningDataModule, Trainer
 from pytorch_lightning.callbacks import Checkpoint, EarlyStopping
 from pytorch_lightning.trainer.states import TrainerFn
-from sklearn.model_selection import KFold, StratifiedKFold
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -54,52 +51,36 @@ from train import main as train_main
 
 from callbacks.images import save_and_log_figure, to_rgb_array
 from callbacks.trend_stopping import TrendDivergenceStopping
-from datamodules.base import ImageDataModule
 
 _HIGHER_IS_BETTER = ("acc", "auc", "f1", "precision", "recall", "iou", "dice")
 
 
 # ---- folds ------------------------------------------------------------------------------------------------
-def fold_indices(targets: np.ndarray, folds: int, seed: int, stratify: bool) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``folds`` (train, val) index pairs into the pool: the val parts are disjoint and cover it exactly."""
+def fold_options(datamodule: LightningDataModule, folds: int, fold_seed: int, stratify: str) -> list[str]:
+    """The datamodule options shared by every fold run (the fold number is added per run); checks support."""
     if folds < 2:
         raise ValueError(f"--folds {folds}: k-fold cross-validation needs at least 2 folds.")
-    if folds > len(targets):
-        raise ValueError(f"--folds {folds}: more folds than the {len(targets)} training samples.")
-    splitter = (StratifiedKFold if stratify else KFold)(n_splits=folds, shuffle=True, random_state=seed)
-    return [(train, val) for train, val in splitter.split(np.zeros(len(targets)), targets)]
+    hparams = getattr(datamodule, "hparams", {})
+    if "fold" not in hparams or "num_folds" not in hparams:
+        raise TypeError(
+            f"{type(datamodule).__name__} has no fold/num_folds options, so it cannot be cross-validated. Give it "
+            "fold: int | None = None and num_folds: int = 5 and build its train/val split with "
+            "datamodules.splits.train_val_indices, as the image, IMDB and tabular datamodules do."
+        )
+    options = ["--data.init_args.num_folds", str(folds), "--data.init_args.seed", str(fold_seed)]
+    if stratify != "auto" and "stratify_folds" in hparams:
+        options += ["--data.init_args.stratify_folds", str(stratify == "yes").lower()]
+    elif stratify == "yes":
+        raise ValueError(
+            f"--stratify yes: {type(datamodule).__name__} has no class labels to stratify on (no stratify_folds "
+            "option); use --stratify auto or no."
+        )
+    return options
 
 
-def pool_targets(datamodule: LightningDataModule) -> np.ndarray:
-    """The targets of the datamodule's training pool, in the order fold indices refer to."""
-    if callable(getattr(datamodule, "fold_targets", None)):
-        return np.asarray(datamodule.fold_targets())
-    if isinstance(datamodule, ImageDataModule):
-        return datamodule.load_split("train")[1].numpy()
-    raise TypeError(
-        f"{type(datamodule).__name__} cannot expose its training set for k-fold cross-validation. Give it "
-        "fold_targets() (the training pool's targets) and use_fold(train_idx, val_idx), as "
-        "datamodules/tabular.py's DiabetesDataModule does, or derive it from datamodules.base.ImageDataModule."
-    )
-
-
-def use_fold(datamodule: LightningDataModule, train_idx: np.ndarray, val_idx: np.ndarray) -> None:
-    """Make ``setup`` build the training and validation sets from the given pool indices."""
-    if callable(getattr(datamodule, "use_fold", None)):
-        datamodule.use_fold(train_idx, val_idx)
-        return
-    if not isinstance(datamodule, ImageDataModule):
-        pool_targets(datamodule)  # raises the explanation
-
-    def _setup_train_val(self: ImageDataModule) -> None:  # ImageDataModule's split, with the fold's indices
-        images, labels = self.load_split("train")
-        train, val = torch.as_tensor(train_idx, dtype=torch.long), torch.as_tensor(val_idx, dtype=torch.long)
-        self.train_set = self._dataset(images[train], labels[train])
-        self.val_set = self._dataset(images[val], labels[val])
-        if self.mean is None:  # statistics of this fold's training part only
-            self.set_stats(*self._compute_stats(self.train_set.images))
-
-    datamodule._setup_train_val = types.MethodType(_setup_train_val, datamodule)
+def stratified(datamodule: LightningDataModule, stratify: str) -> bool:
+    """Whether the folds keep the class ratios: with class labels (``stratify_folds``) unless ``--stratify no``."""
+    return bool(getattr(datamodule, "hparams", {}).get("stratify_folds", False)) and stratify != "no"
 
 
 # ---- per-epoch history ---------------------------------------------------------------------------------
@@ -243,10 +224,9 @@ def _finish_wandb() -> None:
         wandb.finish()
 
 
-def fit_fold(cli_args: list[str], override: list[str], train_idx, val_idx, retrain: bool = False):
-    """One run of the config on the given pool indices; returns (cli, history)."""
+def fit_fold(cli_args: list[str], override: list[str], retrain: bool = False):
+    """One ordinary run of the config (``cli_args`` hold its fold options); returns (cli, history)."""
     cli = train_main([*cli_args, *override], run=False)
-    use_fold(cli.datamodule, train_idx, val_idx)
     history = EpochHistory()
     callbacks = [c for c in cli.trainer.callbacks if not (retrain and _monitors_validation(c))]
     cli.trainer.callbacks = [*callbacks, history]
@@ -274,12 +254,10 @@ def run_kfold(
         raise ValueError(f"--smoothing {smoothing}: the EMA factor must lie in [0, 1).")
     start = time.perf_counter()
     probe = train_main(list(cli_args), run=False)
-    task = getattr(probe.model, "task", "regression")
     monitor = monitor or "val/loss"
     higher = any(w in monitor.partition("/")[2] for w in _HIGHER_IS_BETTER) if mode is None else mode == "max"
-    stratified = task in ("multiclass", "binary") if stratify == "auto" else stratify == "yes"
-    targets = pool_targets(probe.datamodule)
-    splits = fold_indices(targets, folds, fold_seed, stratified)
+    options = fold_options(probe.datamodule, folds, fold_seed, stratify)
+    is_stratified = stratified(probe.datamodule, stratify)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     loggers = probe.trainer.loggers
     save_dir = Path(loggers[0].save_dir or ".") if loggers else Path(probe.trainer.default_root_dir)
@@ -290,9 +268,10 @@ def run_kfold(
     del probe
 
     histories = []
-    for i, (train_idx, val_idx) in enumerate(splits):
-        print(f"[kfold] fold {i + 1}/{folds}: {len(train_idx)} train / {len(val_idx)} val samples", flush=True)
-        _, history = fit_fold(cli_args, logger_override(config, f"fold{i}", stamp), train_idx, val_idx)
+    for i in range(folds):
+        print(f"[kfold] fold {i + 1}/{folds}: --data.init_args.fold {i} {' '.join(options)}", flush=True)
+        args = [*cli_args, *options, "--data.init_args.fold", str(i)]
+        _, history = fit_fold(args, logger_override(config, f"fold{i}", stamp))
         histories.append(history)
     val = summarize(histories, monitor, higher, smoothing)
     train_key = "train/" + monitor.partition("/")[2]
@@ -306,7 +285,7 @@ def run_kfold(
         "monitor": monitor,
         "mode": "max" if higher else "min",
         "folds": folds,
-        "stratified": stratified,
+        "stratified": is_stratified,
         "smoothing": smoothing,
         "best_epoch": val.best_epoch,
         "epochs_to_retrain": val.best_epoch + 1,
@@ -328,10 +307,11 @@ def run_kfold(
     pixels = to_rgb_array(figure)
     Image.fromarray(pixels).save(out_dir / "kfold_curves.png")
     if retrain:
-        print(f"[kfold] retraining on all {len(targets)} training samples for {val.best_epoch + 1} epochs", flush=True)
+        print(f"[kfold] retraining on all training data for {val.best_epoch + 1} epochs", flush=True)
         override = logger_override(config, "retrain", stamp)
         args = [*cli_args, "--trainer.max_epochs", str(val.best_epoch + 1), "--trainer.min_epochs", "0"]
-        cli, _ = fit_fold(args, override, np.arange(len(targets)), np.arange(0), retrain=True)
+        args += ["--data.init_args.val_size", "0", "--trainer.limit_val_batches", "0"]  # all of it, no validation
+        cli, _ = fit_fold(args, override, retrain=True)
         result["retrain_epochs"] = cli.trainer.current_epoch
         result["test"] = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
         result["retrain_dir"] = str(cli.trainer.log_dir)

@@ -36,6 +36,16 @@ def test_reads_pickles_in_nchw(tmp_path):
     assert dm.mean.shape == (3,) and dm.std.shape == (3,)
 
 
+def test_a_fold_replaces_the_val_size_hold_out(tmp_path):
+    root = write_cifar10(tmp_path)
+    dm = CIFAR10DataModule(data_dir=str(root), fold=3, num_folds=4, normalize="standardize")
+    dm.setup("fit")
+    dm.setup("test")
+    assert len(dm.train_set) == 75 and len(dm.val_set) == 25 and len(dm.test_set) == 30  # val_size=5000 unused
+    mean = dm.train_set.images.double().mean((0, 2, 3))
+    assert torch.allclose(dm.mean.double(), mean, atol=1e-3)  # statistics of the fold's training part
+
+
 def test_missing_files_without_network(tmp_path, monkeypatch):
     monkeypatch.setattr(cifar.CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")
     with pytest.raises(DataNotFoundError) as err:

@@ -9,9 +9,11 @@ import pytest
 import torch
 from conftest import write_idx, write_mnist
 from torchvision.datasets import MNIST
+from train import main
 
-from datamodules import CorruptDataError, DataNotFoundError, DigitsDataModule, MNISTDataModule
+from datamodules import CorruptDataError, DataNotFoundError, DiabetesDataModule, DigitsDataModule, MNISTDataModule
 from datamodules.base import channel_stats
+from datamodules.imdb import IMDBDataModule
 
 
 def test_mnist_reads_raw_layout(mnist_dir):
@@ -159,11 +161,101 @@ def test_bad_val_size_is_reported(mnist_dir):
         MNISTDataModule(data_dir=str(mnist_dir), val_size=10_000).setup("fit")
 
 
+# ---- k-fold cross-validation: one fold per run -----------------------------------------------------------------
+
+
+def _keys(images: torch.Tensor) -> list[bytes]:
+    """One key per image (its bytes): the fake MNIST images are random noise, so every key is unique."""
+    return [bytes(row) for row in images.flatten(1).numpy()]
+
+
+def _fold(mnist_dir, fold, **kwargs) -> MNISTDataModule:
+    dm = MNISTDataModule(data_dir=str(mnist_dir), fold=fold, num_folds=4, normalize="standardize", **kwargs)
+    dm.setup("fit")
+    return dm
+
+
+def test_folds_partition_the_training_split_with_its_class_ratios(mnist_dir):
+    pool_images, pool_labels = MNISTDataModule(data_dir=str(mnist_dir)).load_split("train")
+    pool = _keys(pool_images)
+    assert len(set(pool)) == len(pool) == 256
+    pool_counts = torch.bincount(pool_labels, minlength=10)
+    seen: list[bytes] = []
+    for k in range(4):
+        dm = _fold(mnist_dir, k)
+        train, val = _keys(dm.train_set.images), _keys(dm.val_set.images)
+        assert not set(train) & set(val) and sorted(train + val) == sorted(pool)  # fold k: val, the rest: train
+        assert len(val) == 64
+        counts = torch.bincount(dm.val_set.targets, minlength=10)
+        assert ((counts - pool_counts / 4).abs() <= 1).all()  # stratified: each fold keeps the class ratios
+        # Statistics from the fold's training part only, applied to its validation part.
+        mean, std = channel_stats(dm.train_set.images)
+        assert torch.allclose(dm.mean, mean) and torch.allclose(dm.std, std)
+        seen += val
+    assert sorted(seen) == sorted(pool)  # every training image is validated exactly once
+
+
+def test_folds_are_seeded_and_leave_the_test_split_alone(mnist_dir):
+    a, b, other_seed = _fold(mnist_dir, 1), _fold(mnist_dir, 1), _fold(mnist_dir, 1, seed=7)
+    assert torch.equal(a.val_set.images, b.val_set.images) and torch.equal(a.train_set.images, b.train_set.images)
+    assert set(_keys(a.val_set.images)) != set(_keys(other_seed.val_set.images))
+    plain = MNISTDataModule(data_dir=str(mnist_dir), val_size=64, normalize="standardize")
+    for dm in (a, plain):
+        dm.setup("test")
+    assert torch.equal(a.test_set.images, plain.test_set.images) and len(a.test_set) == 64
+
+
+def test_one_fold_through_the_cli_options(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["--data", "datamodules.DigitsDataModule", "--data.init_args.fold", "2", "--data.init_args.num_folds", "5"]
+    args += ["--model", "lightning_modules.mlp.MLPClassifier", "--model.init_args.input_shape", "[1, 28, 28]"]
+    cli = main(args, run=False)
+    cli.datamodule.setup("fit")
+    direct = DigitsDataModule(fold=2, num_folds=5)
+    direct.setup("fit")
+    assert torch.equal(cli.datamodule.val_set.targets, direct.val_set.targets)
+    assert torch.equal(cli.datamodule.val_set.images, direct.val_set.images)
+    assert len(cli.datamodule.val_set) in (287, 288)  # a fifth of the 1,437 training digits, not val_size
+
+
+def test_tabular_folds_partition_the_pool():
+    folds = [DiabetesDataModule(fold=k, num_folds=4) for k in range(4)]
+    pool = folds[0].fold_targets()
+    seen = []
+    for dm in folds:
+        dm.setup("fit")
+        assert len(dm.train_set) + len(dm.val_set) == len(pool)
+        assert torch.allclose(dm.mean, dm.train_set.features.mean(0))  # standardised with the fold's training rows
+        seen += dm.val_set.targets.tolist()
+    assert sorted(seen) == sorted(pool.tolist())
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        (dict(fold=5, num_folds=5), r"fold=5 with num_folds=5: folds are numbered 0 to 4"),
+        (dict(fold=-1, num_folds=3), r"fold=-1 .* numbered 0 to 2"),
+        (dict(fold=0, num_folds=1), r"num_folds=1: .* at least 2 folds"),
+    ],
+)
+@pytest.mark.parametrize("datamodule", [DigitsDataModule, DiabetesDataModule, IMDBDataModule])
+def test_bad_fold_options_name_the_fix(datamodule, options, match):
+    with pytest.raises(ValueError, match=match):
+        datamodule(**options)
+
+
+def test_more_folds_than_samples_is_explained():
+    dm = DigitsDataModule(fold=0, num_folds=2000)
+    with pytest.raises(ValueError, match="num_folds=2000: more folds than the 1437 training samples"):
+        dm.setup("fit")
+
+
 # ---- the device-resident training path -----------------------------------------------------------------------------
 
 
 def _sampler_and_set(world: int, rank: int, epoch: int):
-    from datamodules.base import InMemoryImageDataset, ResumableSampler
+    from datamodules.base import InMemoryImageDataset
+    from datamodules.loaders import ResumableSampler
 
     images = torch.randint(0, 256, (103, 1, 4, 4), dtype=torch.uint8)
     dataset = InMemoryImageDataset(images, torch.arange(103) % 10)
@@ -174,7 +266,7 @@ def _sampler_and_set(world: int, rank: int, epoch: int):
 
 @pytest.mark.parametrize("world,rank", [(1, 0), (2, 1), (3, 2)])
 def test_device_loader_yields_the_dataloader_batches(world, rank):
-    from datamodules.base import DeviceBatchLoader, ResumableDataLoader, collate_batch
+    from datamodules.loaders import DeviceBatchLoader, ResumableDataLoader, collate_batch
 
     dataset, sampler = _sampler_and_set(world, rank, epoch=3)
     reference = ResumableDataLoader(dataset, batch_size=8, sampler=sampler, collate_fn=collate_batch)
@@ -191,7 +283,7 @@ def test_device_loader_yields_the_dataloader_batches(world, rank):
 
 
 def test_device_loader_resumes_mid_epoch():
-    from datamodules.base import DeviceBatchLoader
+    from datamodules.loaders import DeviceBatchLoader
 
     dataset, sampler = _sampler_and_set(1, 0, epoch=1)
     loader = DeviceBatchLoader(dataset, 10, sampler)
@@ -231,7 +323,7 @@ def test_resident_training_set_is_normalised_once(mnist_dir, monkeypatch):
 
 def test_datamodule_picks_the_device_path_when_it_can(mnist_dir):
     from datamodules.augment import SampleAugment
-    from datamodules.base import DeviceBatchLoader, ResumableDataLoader
+    from datamodules.loaders import DeviceBatchLoader, ResumableDataLoader
 
     def loader(**kwargs):
         dm = MNISTDataModule(data_dir=str(mnist_dir), val_size=64, **kwargs)

@@ -58,6 +58,17 @@ def test_grayscale_and_an_existing_val_folder(tmp_path):
     assert dm.train_set.images.shape[1:] == (1, 6, 6)
 
 
+def test_a_fold_is_cut_from_the_training_folder_even_with_a_val_folder(tmp_path):
+    root = write_tree(tmp_path / "set", {"train": 6, "val": 1})
+    folds = [ImageFolderDataModule(data_dir=str(root), image_size=(6, 6), fold=k, num_folds=3) for k in range(3)]
+    for dm in folds:
+        dm.setup("fit")
+        assert len(dm.train_set) == 12 and len(dm.val_set) == 6  # 18 training images, val/ (3 images) unread
+        assert torch.bincount(dm.val_set.targets).tolist() == [2, 2, 2]  # stratified: 2 of each class's 6
+    pool = torch.cat([dm.val_set.images for dm in folds]).float().sum()
+    assert pool == folds[0].load_folder("train")[0].float().sum()  # the folds' val parts cover the folder
+
+
 def test_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     root = write_tree(tmp_path / "set", {"train": 3})
     dm = ImageFolderDataModule(data_dir=str(root), image_size=(8, 8), val_size=1)

@@ -16,6 +16,7 @@ from train import main
 
 from datamodules.base import CorruptDataError, DataNotFoundError
 from datamodules.imdb import IMDBDataModule, encode_documents
+from datamodules.imdb_corpus import IMDBCorpus
 from datamodules.text import OOV, multi_hot, pad_pre, tokenize
 from lightning_modules.layers import keras_init_
 from lightning_modules.text import (
@@ -125,7 +126,7 @@ def test_cache_is_reused_and_invalidated(imdb_dir, monkeypatch):
         raise AssertionError("tokenised again although the cache is valid")
 
     with monkeypatch.context() as m:
-        m.setattr(IMDBDataModule, "_tokenize_all", no_tokenizing)
+        m.setattr(IMDBCorpus, "tokenize_all", no_tokenizing)
         again = datamodule(imdb_dir, num_words=30, maxlen=7)  # vocabulary/padding options reuse the cache
         assert again.cache_path() == first
         assert again.corpus["words"] == dm.corpus["words"]
@@ -175,6 +176,23 @@ def test_vocabulary_round_trips_through_state_dict(imdb_dir):
     assert other.vocabulary.words == dm.vocabulary.words
     with pytest.raises(ValueError, match="remove_stop_words=False"):
         IMDBDataModule(data_dir=str(imdb_dir), num_words=12, remove_stop_words=True).load_state_dict(state)
+
+
+def test_a_fold_validates_on_its_part_and_counts_the_vocabulary_on_the_rest(tmp_path):
+    root = write_imdb(tmp_path / "data", n_train=40)
+    dm0 = IMDBDataModule(data_dir=str(root), cache=False)
+    for i, (path, _) in enumerate(dm0.files("train")):  # one word unique to each training review
+        path.write_text(path.read_text() + f" uniq{i}")
+    folds = [datamodule(root, num_words=1000, cache=False, fold=k, num_folds=4) for k in range(4)]
+    labels = folds[0].corpus["splits"]["train"]["labels"]
+    vals = torch.cat([dm.val_idx for dm in folds])
+    assert sorted(vals.tolist()) == list(range(40))  # the folds partition the training split
+    for dm in folds:
+        assert sorted(dm.train_idx.tolist() + dm.val_idx.tolist()) == list(range(40))
+        assert labels[dm.val_idx].sum() * 2 == len(dm.val_idx)  # stratified: half positive, as the split
+        vocab = set(dm.vocabulary.words)
+        assert all((f"uniq{i}" in vocab) != (i in dm.val_idx.tolist()) for i in range(40))
+        assert len(dm.val_dataloader().dataset) == len(dm.val_idx) == 10
 
 
 # ---- variational recurrent dropout -------------------------------------------------------------------------
@@ -243,7 +261,7 @@ def test_glove_vectors_fill_the_vocabulary_rows(tmp_path):
 
 def test_glove_file_of_the_wrong_dimension_is_named(tmp_path):
     write_glove(tmp_path / "glove.50d.txt", ["great"], dim=5)
-    with pytest.raises(CorruptDataError, match=r"glove.50d.txt, line 1: 5 values .* embedding_dim=4"):
+    with pytest.raises(ValueError, match=r"glove.50d.txt, line 1: 5 values .* embedding_dim=4"):
         load_word_vectors(tmp_path / "glove.50d.txt", ["great"], 4)
 
 
@@ -304,7 +322,7 @@ def needs_text_extra() -> None:
 
 def test_sentence_search_finds_the_paraphrase():
     needs_text_extra()
-    from lightning_modules.sentence import SentenceSearch
+    from datamodules.sentence import SentenceSearch
 
     texts = ["The film was a wonderful, moving experience.", "The soup was cold.", "Stock prices fell sharply today."]
     index = SentenceSearch.from_texts(texts)
@@ -320,7 +338,7 @@ def test_sentence_embeddings_are_computed_once_and_cached(imdb_dir, monkeypatch)
     x, _ = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
     assert x.shape == (8, 384) and x.dtype == torch.float32
     torch.testing.assert_close(x.norm(dim=1), torch.ones(8))
-    monkeypatch.setattr(IMDBDataModule, "_embed_all", lambda self: pytest.fail("embedded again"))
+    monkeypatch.setattr(IMDBCorpus, "embed_all", lambda self: pytest.fail("embedded again"))
     again = datamodule(imdb_dir, representation="sentence_embedding")
     assert torch.equal(again.encoded("test"), dm.encoded("test"))
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kfold import EpochHistory, fold_indices, main, summarize, use_fold
+from kfold import EpochHistory, fold_options, main, summarize
 
-from datamodules import DigitsDataModule
+from datamodules import DigitsDataModule, OmniglotDataModule
+from datamodules.splits import fold_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,26 +20,44 @@ def _in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+def _folds(targets, num_folds, seed, stratify):
+    return [fold_indices(targets, k, num_folds, seed, stratify) for k in range(num_folds)]
+
+
 @pytest.mark.parametrize("stratify", [False, True])
 def test_fold_indices_are_disjoint_and_cover_the_pool(stratify):
     targets = np.repeat(np.arange(3), [50, 30, 20])
-    folds = fold_indices(targets, 5, seed=0, stratify=stratify)
-    vals = np.concatenate([val for _, val in folds])
+    folds = _folds(targets, 5, seed=0, stratify=stratify)
+    vals = np.concatenate([val.numpy() for _, val in folds])
     assert sorted(vals.tolist()) == list(range(100))  # every sample validated exactly once
     for train, val in folds:
-        assert not set(train) & set(val) and len(train) + len(val) == 100
-    assert [v.tolist() for _, v in folds] == [v.tolist() for _, v in fold_indices(targets, 5, 0, stratify)]
+        assert not set(train.tolist()) & set(val.tolist()) and len(train) + len(val) == 100
+    same = _folds(targets, 5, seed=0, stratify=stratify)  # seeded: the same folds again
+    assert [v.tolist() for _, v in folds] == [v.tolist() for _, v in same]
+    other = _folds(targets, 5, seed=1, stratify=stratify)
+    assert [v.tolist() for _, v in folds] != [v.tolist() for _, v in other]
 
 
 def test_stratification_keeps_class_ratios():
     targets = np.repeat(np.arange(3), [50, 30, 20])
-    for _, val in fold_indices(targets, 5, seed=1, stratify=True):
-        assert np.bincount(targets[val], minlength=3).tolist() == [10, 6, 4]
+    for _, val in _folds(targets, 5, seed=1, stratify=True):
+        assert np.bincount(targets[val.numpy()], minlength=3).tolist() == [10, 6, 4]
 
 
 def test_too_few_folds_is_explained():
     with pytest.raises(ValueError, match="at least 2"):
-        fold_indices(np.zeros(10), 1, 0, False)
+        fold_indices(np.zeros(10), 0, 1, 0, False)
+
+
+def test_the_driver_passes_the_datamodule_fold_options():
+    options = fold_options(DigitsDataModule(), folds=4, fold_seed=7, stratify="no")
+    assert options == [
+        "--data.init_args.num_folds", "4", "--data.init_args.seed", "7", "--data.init_args.stratify_folds", "false"
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="--folds 1"):
+        fold_options(DigitsDataModule(), folds=1, fold_seed=7, stratify="auto")
+    with pytest.raises(TypeError, match="OmniglotDataModule has no fold/num_folds options"):
+        fold_options(OmniglotDataModule(), folds=4, fold_seed=7, stratify="auto")
 
 
 def _history(values: list[float]) -> EpochHistory:
@@ -58,16 +77,6 @@ def test_averaged_curve_is_the_mean_of_the_folds_and_picks_the_smoothed_best():
     assert np.allclose(short.mean, [3.0, 2.0, 1.0, 0.1]) and short.common_epochs == 2 and short.best_epoch == 1
     smoothed = summarize([_history([1.0, 0.0, 1.0])], "val/loss", False, 0.5)
     assert np.allclose(smoothed.smoothed, [1.0, 0.5, 0.75])
-
-
-def test_image_datamodule_takes_a_fold():
-    data = DigitsDataModule()
-    pool = data.load_split("train")[1]
-    train_idx, val_idx = np.arange(100, len(pool)), np.arange(100)
-    use_fold(data, train_idx, val_idx)
-    data.setup("fit")
-    assert len(data.train_set) == len(pool) - 100 and len(data.val_set) == 100
-    assert (data.val_set.targets == pool[:100]).all()
 
 
 def test_kfold_end_to_end_retrains_for_the_chosen_epochs(tmp_path):
@@ -93,4 +102,7 @@ def test_kfold_end_to_end_retrains_for_the_chosen_epochs(tmp_path):
     assert len(curves) == 3 and (curves["folds_reporting"] == 2).all()
     assert json.loads((out / "summary.json").read_text())["best_epoch"] == result["best_epoch"]
     config = (out / "retrain" / "config.yaml").read_text()
-    assert "max_epochs: " + str(result["best_epoch"] + 1) in config
+    assert "max_epochs: " + str(result["best_epoch"] + 1) in config and "val_size: 0" in config
+    for k in range(2):  # each fold is an ordinary run with the datamodule's fold options
+        config = (out / f"fold{k}" / "config.yaml").read_text()
+        assert f"fold: {k}" in config and "num_folds: 2" in config

@@ -19,9 +19,9 @@ from torchvision.datasets import omniglot as tv_omniglot
 from torchvision.datasets.utils import extract_archive
 from train import main
 
-import datamodules.omniglot as omniglot_module
+import datamodules.omniglot_images as omniglot_images
 from datamodules import CorruptDataError, DataNotFoundError
-from datamodules.base import ResumableDataLoader, collate_batch
+from datamodules.loaders import ResumableDataLoader, collate_batch
 from datamodules.omniglot import EpisodeSampler, OmniglotDataModule, load_tree
 from lightning_modules.few_shot import (
     NearestNeighbourBaseline,
@@ -74,7 +74,7 @@ def test_tree_is_decoded_once_and_cached(omniglot_dir, tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again although the cache matches")
 
-    monkeypatch.setattr(omniglot_module, "decode_tree", no_decoding)
+    monkeypatch.setattr(omniglot_images, "decode_tree", no_decoding)
     cached = load_tree(tree, image_size=28, cache_dir=tmp_path)
     assert torch.equal(cached.images, table.images) and cached.characters == table.characters
     with pytest.raises(AssertionError, match="decoded again"):  # other options -> another cache entry
@@ -85,7 +85,7 @@ def test_prepare_data_writes_the_caches_that_setup_reads(omniglot_dir, tmp_path,
     dm = datamodule(omniglot_dir, cache_dir=str(tmp_path / "cache"))
     dm.prepare_data()
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2  # background and evaluation
-    monkeypatch.setattr(omniglot_module, "decode_tree", lambda *a, **k: pytest.fail("setup decoded PNGs"))
+    monkeypatch.setattr(omniglot_images, "decode_tree", lambda *a, **k: pytest.fail("setup decoded PNGs"))
     dm.setup("fit")
     dm.setup("test")
     assert dm.train_set is not None and dm.test_set is not None

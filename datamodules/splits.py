@@ -1,0 +1,87 @@
+"""Train/validation splits of a training set: a seeded hold-out (``val_size``) or one fold of a seeded k-fold.
+
+Every datamodule with a train/val split (MNIST, CIFAR-10, image folders, digits, IMDB, diabetes) takes the same
+cross-validation options:
+
+- ``fold``: ``None`` (default) holds out ``val_size`` samples with a seeded shuffle; ``k`` in ``0 .. num_folds - 1``
+  makes the k-th of ``num_folds`` folds the validation part and the other folds the training part (``val_size``
+  is then unused);
+- ``num_folds``: the number of folds K (at least 2).
+
+The folds come from a shuffle seeded with the datamodule's ``seed``, stratified by class where the samples have
+class labels (scikit-learn's ``StratifiedKFold``; ``KFold`` for regression targets or ``stratify_folds=False``).
+So the K runs ``fold=0 .. K-1`` of one seed validate on disjoint parts that together cover the training split,
+and each can be its own job (``--data.init_args.fold 2 --data.init_args.num_folds 5``). The test split is never
+touched, and the normalisation statistics (the vocabulary for text) come from the fold's training part only.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+from sklearn.model_selection import KFold, StratifiedKFold
+from torch import Tensor
+
+
+def split_indices(n: int, val_size: int | float, seed: int) -> tuple[Tensor, Tensor]:
+    """A seeded shuffled split of ``range(n)`` into (train, val); ``val_size`` is a count or a fraction."""
+    n_val = round(val_size * n) if isinstance(val_size, float) else int(val_size)
+    if not 0 <= n_val < n:
+        raise ValueError(
+            f"val_size={val_size} asks for {n_val} validation samples out of {n} training samples; "
+            "pass a count below the training-set size or a fraction in [0, 1)."
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_val:], perm[:n_val]
+
+
+def check_fold(fold: int | None, num_folds: int) -> None:
+    """Raise a ``ValueError`` naming the fix when ``fold`` / ``num_folds`` cannot describe one fold of a k-fold."""
+    if isinstance(num_folds, bool) or not isinstance(num_folds, int) or num_folds < 2:
+        raise ValueError(
+            f"num_folds={num_folds!r}: k-fold cross-validation needs a whole number of at least 2 folds; set "
+            "--data.init_args.num_folds to 2 or more."
+        )
+    if fold is not None and (isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < num_folds):
+        raise ValueError(
+            f"fold={fold!r} with num_folds={num_folds}: folds are numbered 0 to {num_folds - 1}; set "
+            f"--data.init_args.fold to one of them (or raise --data.init_args.num_folds), or leave fold unset "
+            "for the val_size hold-out."
+        )
+
+
+def fold_indices(
+    targets: Tensor | np.ndarray, fold: int, num_folds: int, seed: int, stratify: bool = True
+) -> tuple[Tensor, Tensor]:
+    """(train, val) indices into ``targets`` for fold ``fold`` of a seeded ``num_folds``-fold split.
+
+    The val indices of folds ``0 .. num_folds - 1`` are disjoint and cover ``range(len(targets))``; with
+    ``stratify`` each fold keeps the class proportions of ``targets`` (class labels). Both are sorted.
+    """
+    check_fold(fold, num_folds)
+    targets = targets.numpy() if isinstance(targets, Tensor) else np.asarray(targets)
+    if num_folds > len(targets):
+        raise ValueError(
+            f"num_folds={num_folds}: more folds than the {len(targets)} training samples; lower "
+            "--data.init_args.num_folds."
+        )
+    splitter = (StratifiedKFold if stratify else KFold)(n_splits=num_folds, shuffle=True, random_state=seed)
+    train, val = next(itertools.islice(splitter.split(np.zeros(len(targets)), targets), fold, None))
+    return torch.from_numpy(train).long(), torch.from_numpy(val).long()
+
+
+def train_val_indices(
+    targets: Tensor | np.ndarray,
+    val_size: int | float,
+    seed: int,
+    fold: int | None = None,
+    num_folds: int = 5,
+    stratify: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """The datamodules' train/val split of a training set with these ``targets``: the ``val_size`` hold-out when
+    ``fold`` is ``None``, else the fold (see the module docstring)."""
+    if fold is None:
+        return split_indices(len(targets), val_size, seed)
+    return fold_indices(targets, fold, num_folds, seed, stratify)
