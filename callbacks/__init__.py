@@ -13,6 +13,7 @@ from callbacks.conditional_accuracy import ConditionalAccuracy
 from callbacks.confusion import ConfusionMatrix
 from callbacks.curves import SmoothedCurves
 from callbacks.filters import FilterPatterns, filter_patterns
+from callbacks.fine_tuning import TransferFinetuning
 from callbacks.generative import GANSamples, LatentSpace, PredictionGrid, ReconstructionGrid
 from callbacks.gradcam import GradCAM, grad_cam
 from callbacks.guards import FiniteLossGuard
@@ -44,6 +45,7 @@ __all__ = [
     "ResumeState",
     "SafeRequeue",
     "SmoothedCurves",
+    "TransferFinetuning",
     "TrendDivergenceStopping",
     "filter_patterns",
     "grad_cam",

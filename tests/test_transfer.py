@@ -8,19 +8,17 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 import torchvision
 from conftest import quiet_trainer
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, TensorDataset
 from train import main
 
-from lightning_modules.transfer import (
-    PretrainedWeightsError,
-    TransferClassifier,
-    TransferFinetuning,
-    cached_weight_file,
-)
+from callbacks.fine_tuning import TransferFinetuning
+from lightning_modules.backbones import BATCH_NORM
+from lightning_modules.pretrained import PretrainedWeightsError, cached_weight_file
+from lightning_modules.transfer import TransferClassifier, average_across_processes_
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [ROOT / "configs/cifar10/transfer_feature_extraction.yaml", ROOT / "configs/cifar10/transfer_finetune.yaml"]
@@ -214,7 +212,7 @@ class Record(Callback):
                 "trainable": trainable(pl_module),
                 "lrs": [g["lr"] for g in groups],
                 "group_sizes": [len(g["params"]) for g in groups],
-                "bn_training": {n for n, m in modules if isinstance(m, _BatchNorm) and m.training},
+                "bn_training": {n for n, m in modules if isinstance(m, BATCH_NORM) and m.training},
             }
         )
 
@@ -223,7 +221,7 @@ def param_names(model: TransferClassifier, prefix: str, batch_norm: bool = False
     """Names of the parameters under ``prefix``, BatchNorm ones only with ``batch_norm``."""
     names = set()
     for module_name, module in model.named_modules():
-        if module_name.startswith(prefix) and (batch_norm or not isinstance(module, _BatchNorm)):
+        if module_name.startswith(prefix) and (batch_norm or not isinstance(module, BATCH_NORM)):
             names |= {f"{module_name}.{n}" for n, _ in module.named_parameters(recurse=False)}
     return names
 
@@ -295,6 +293,7 @@ def test_scheduler_follows_the_new_param_group():
     optimizer.step()
     lambda_lr.step()
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.05, 0.005])
+    assert lambda_lr.get_last_lr() == pytest.approx([0.05, 0.005])
     plateau.step(1.0)
     plateau.step(2.0)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.005, 0.0005])
@@ -334,6 +333,22 @@ class AssertSameWeights(Callback):
         weight = pl_module.net.base.layer2[1].conv2.weight.detach()
         gathered = trainer.strategy.all_gather(weight)
         assert torch.equal(gathered[0], gathered[1]), "ranks disagree on the unfrozen block's weights"
+
+
+def test_gradient_averaging_puts_each_mean_back_into_its_own_tensor(tmp_path):
+    """One process stands for ``world_size`` identical ones: the mean is the tensor itself; / 4 shows each slice's
+    way back (shapes, non-contiguous tensors, two dtypes in one call)."""
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        grads = [torch.randn(3, 4, generator=g).t(), torch.randn(5, generator=g, dtype=torch.float64), torch.ones(2, 2)]
+        before = [t.clone() for t in grads]
+        average_across_processes_(grads, world_size=1)
+        assert all(torch.equal(t, b) for t, b in zip(grads, before, strict=True))
+        average_across_processes_(grads, world_size=4)
+        assert all(t.dtype == b.dtype and torch.allclose(t, b / 4) for t, b in zip(grads, before, strict=True))
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.slow
