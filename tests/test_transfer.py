@@ -49,6 +49,11 @@ def base_state(model: TransferClassifier) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.net.base.state_dict().items()}
 
 
+def validate(tmp_path: Path, model: TransferClassifier) -> None:
+    """One validation batch: the Trainer runs prepare_data and setup, as a fit or a test would."""
+    quiet_trainer(tmp_path, limit_val_batches=1).validate(model, loader(), verbose=False)
+
+
 def trainable(model: TransferClassifier) -> set[str]:
     return {name for name, p in model.named_parameters() if p.requires_grad}
 
@@ -80,7 +85,7 @@ def test_local_state_dict_file_loads_lazily(tmp_path):
     model = TransferClassifier(backbone="resnet18", weights=str(path))
     assert not model.base_weights_ready  # construction reads nothing
     assert not torch.equal(model.net.base.conv1.weight, source.conv1.weight)
-    model.setup("fit")
+    validate(tmp_path, model)
     for key, value in model.net.base.state_dict().items():
         assert torch.equal(value, source.state_dict()[key]), key
     assert model.base_weights_ready
@@ -89,7 +94,7 @@ def test_local_state_dict_file_loads_lazily(tmp_path):
     trained.load_state_dict(model.state_dict())
     with torch.no_grad():
         trained.net.base.conv1.weight.add_(1.0)
-    trained.setup("fit")
+    validate(tmp_path, trained)
     assert torch.equal(trained.net.base.conv1.weight, source.conv1.weight + 1.0)
 
 
@@ -115,15 +120,14 @@ def test_failed_download_names_the_cache_and_the_file_alternative():
     assert "URLError" in message and "--model.init_args.weights /path/to/resnet18-f37072fd.pth" in message
 
 
-def test_torchvision_weights_come_from_the_torch_cache():
+def test_torchvision_weights_come_from_the_torch_cache(tmp_path):
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
     source = torchvision.models.resnet18()
     cached = cached_weight_file(weights)
     cached.parent.mkdir(parents=True)
     torch.save(source.state_dict(), cached)  # what a download would have left there
     model = TransferClassifier(backbone="resnet18", weights="ResNet18_Weights.IMAGENET1K_V1")
-    model.prepare_data()  # finds the file: no download
-    model.setup("fit")
+    validate(tmp_path, model)  # prepare_data finds the file (no download), setup loads it
     assert torch.equal(model.net.base.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
     cached.write_bytes(b"cut short")
     with pytest.raises(PretrainedWeightsError, match="delete it to download it again"):
