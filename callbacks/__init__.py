@@ -20,13 +20,14 @@ from callbacks.guards import FiniteLossGuard
 from callbacks.images import run_dir, save_and_log_figure
 from callbacks.lr import EpochLRSchedule, ReduceLROnPlateauCallback
 from callbacks.predictions import PredictionWriter
-from callbacks.profiler import NullProfiler
 from callbacks.slurm import SafeRequeue
+from callbacks.speedups import CPUSpeedups, NullProfiler
 from callbacks.trend_stopping import TrendDivergenceStopping
 
 __all__ = [
     "ActivationMaps",
     "AtomicCheckpointIO",
+    "CPUSpeedups",
     "ConditionalAccuracy",
     "ConfusionMatrix",
     "EpochLRSchedule",
