@@ -9,7 +9,7 @@ One module covers the notes' four uses, chosen by ``task`` and the classifier he
 - any of them plus ``classifier_hidden``: a classifier head on the latent vector, trained jointly with the
   decoder on ``CE + MSE`` (the notes' classifier autoencoder), logging accuracy.
 
-Book recipes (REFERENCE_MODELS.md): MNIST AE Conv 32 k3 s2 ReLU -> Conv 64 k3 s2 ReLU -> Flatten -> Dense 16;
+Book recipes (``docs/reference_models.md``): MNIST AE Conv 32 k3 s2 ReLU -> Conv 64 k3 s2 ReLU -> Flatten -> Dense 16;
 decoder Dense 3136 -> 7x7x64 -> ConvT 64 k3 s2 ReLU -> ConvT 32 k3 s2 ReLU -> ConvT 1 k3 sigmoid; MSE, Adam,
 batch 32. CIFAR-10 colorization: Conv 64/128/256 k3 s2 -> Dense 256, mirrored decoder, ConvT 3 sigmoid.
 The decoder ends in a sigmoid, so the data must be scaled to [0, 1] (``normalize: scale``); ``setup`` checks.
@@ -28,8 +28,15 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_modules.base import TemplateModule, check_input_shape
-from lightning_modules.layers import Conv2dSame, Dropout, InitName, keras_batch_norm, keras_init_
+from lightning_modules.base import check_input_shape
+from lightning_modules.layers import (
+    BatchNormName,
+    Conv2dSame,
+    InitName,
+    batch_norm2d,
+    batch_norm_of_old_checkpoint,
+    keras_init_,
+)
 from lightning_modules.optim import SchedulerInterval, optimizers_from_factories
 
 AETask = Literal["reconstruct", "denoise", "colorize"]
@@ -85,6 +92,7 @@ class Encoder(nn.Sequential):
         latent_dim: int,
         image_size: tuple[int, int],
         style: BlockStyle = "strided",
+        batch_norm: BatchNormName = "torch",
     ) -> None:
         layers: list[nn.Module] = []
         channels = in_channels
@@ -92,7 +100,8 @@ class Encoder(nn.Sequential):
             if style == "strided":
                 layers += [Conv2dSame(channels, f, kernel_size, stride=2), nn.ReLU()]
             else:
-                layers += [keras_batch_norm(channels), nn.ReLU(), Conv2dSame(channels, f, kernel_size), nn.MaxPool2d(2)]
+                bn = batch_norm2d(channels, batch_norm)
+                layers += [bn, nn.ReLU(), Conv2dSame(channels, f, kernel_size), nn.MaxPool2d(2)]
             channels = f
         scale = 2 ** len(filters)
         self.feature_shape = (channels, image_size[0] // scale, image_size[1] // scale)
@@ -111,6 +120,7 @@ class Decoder(nn.Sequential):
         out_channels: int,
         feature_shape: tuple[int, int, int],
         style: BlockStyle = "strided",
+        batch_norm: BatchNormName = "torch",
     ) -> None:
         layers: list[nn.Module] = [nn.Linear(latent_dim, math.prod(feature_shape)), nn.Unflatten(1, feature_shape)]
         channels = feature_shape[0]
@@ -118,7 +128,8 @@ class Decoder(nn.Sequential):
             if style == "strided":
                 layers += [ConvTranspose2dSame(channels, f, kernel_size, stride=2), nn.ReLU()]
             else:
-                layers += [keras_batch_norm(channels), nn.ReLU(), ConvTranspose2dSame(channels, f, kernel_size, 2)]
+                bn = batch_norm2d(channels, batch_norm)
+                layers += [bn, nn.ReLU(), ConvTranspose2dSame(channels, f, kernel_size, 2)]
             channels = f
         layers += [ConvTranspose2dSame(channels, out_channels, kernel_size), nn.Sigmoid()]
         super().__init__(*layers)
@@ -129,12 +140,12 @@ def classifier_head(latent_dim: int, hidden: Sequence[int], dropout: float, num_
     layers: list[nn.Module] = []
     width = latent_dim
     for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU(), Dropout(dropout)]
+        layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
         width = h
     return nn.Sequential(*layers, nn.Linear(width, num_classes))
 
 
-class AutoEncoder(TemplateModule):
+class AutoEncoder(pl.LightningModule):
     """Convolutional autoencoder with reconstruction, denoising and colorization tasks and an optional classifier.
 
     Args:
@@ -157,7 +168,9 @@ class AutoEncoder(TemplateModule):
         lr_scheduler: Optional scheduler factory; ``ReduceLROnPlateau`` monitors ``val/loss``.
         scheduler_interval: When the scheduler steps: ``step``, ``epoch`` or ``auto`` (OneCycleLR, CyclicLR and
             LinearLR warm-ups per step, the others per epoch).
-        init: ``keras`` (glorot_uniform kernels, zero biases) or ``torch``.
+        init: ``torch`` (PyTorch's initialisation) or ``keras`` (glorot_uniform kernels, zero biases).
+        batch_norm: BatchNorm of the ``bn_pool`` blocks: ``torch`` (momentum 0.1, eps 1e-5) or ``keras`` (the
+            book's: momentum 0.99 in Keras' terms, eps 1e-3); see :func:`~lightning_modules.layers.batch_norm2d`.
 
     Logged: ``{stage}/loss`` (the optimised sum), ``{stage}/mse`` (reconstruction), and with a classifier
     ``{stage}/ce`` and ``{stage}/acc``; epoch aggregates synced across processes.
@@ -181,7 +194,8 @@ class AutoEncoder(TemplateModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: SchedulerInterval = "auto",
-        init: InitName = "keras",
+        init: InitName = "torch",
+        batch_norm: BatchNormName = "torch",
     ) -> None:
         super().__init__()
         if task not in ("reconstruct", "denoise", "colorize"):
@@ -213,8 +227,10 @@ class AutoEncoder(TemplateModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         in_channels = 1 if task == "colorize" else input_shape[0]
-        self.encoder = Encoder(in_channels, filters, kernel_size, latent_dim, input_shape[1:], block)
-        self.decoder = Decoder(latent_dim, filters, kernel_size, input_shape[0], self.encoder.feature_shape, block)
+        self.encoder = Encoder(in_channels, filters, kernel_size, latent_dim, input_shape[1:], block, batch_norm)
+        self.decoder = Decoder(
+            latent_dim, filters, kernel_size, input_shape[0], self.encoder.feature_shape, block, batch_norm
+        )
         self.classifier = (
             classifier_head(latent_dim, classifier_hidden, classifier_dropout, num_classes)
             if classifier_hidden
@@ -313,16 +329,19 @@ class AutoEncoder(TemplateModule):
             self.hparams.get("scheduler_interval", "auto"),
         )
 
-    # ---- input checks --------------------------------------------------------------------------------
+    # ---- input checks and checkpoints ----------------------------------------------------------------
     def setup(self, stage: str) -> None:
         check_image_datamodule(self, self.input_shape, self.num_classes if self.classifier is not None else None)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        batch_norm_of_old_checkpoint(self, checkpoint)
 
 
 def check_image_datamodule(module: pl.LightningModule, input_shape: tuple, num_classes: int | None) -> None:
     """The generative models end in a sigmoid: the datamodule must give ``input_shape`` images scaled to [0, 1]
-    (``normalize: scale``) and, where labels matter, ``num_classes`` classes. Raises one clear ``ValueError``."""
-    trainer = module._trainer
-    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+    (``normalize: scale``) and, where labels matter, ``num_classes`` classes. Raises one clear ``ValueError``.
+    Call it from ``setup``, where the trainer is attached."""
+    datamodule = module.trainer.datamodule
     if datamodule is None:
         return
     name, model = type(datamodule).__name__, type(module).__name__

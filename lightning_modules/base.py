@@ -1,26 +1,26 @@
-"""The classification base every supervised topic module builds on.
+"""The supervised base every classifier and regressor of the topics builds on: a plain ``pl.LightningModule``.
 
 A subclass builds ``self.net`` (any ``nn.Module`` mapping a batch to ``self.out_features`` outputs) and
 gets the rest: the loss matched to the output layer, torchmetrics accuracy and top-k error, logging under
 the project's keys (``train/loss``, ``val/loss``, ``val/acc``, ``val/top5_err``, ``test/acc``, ...), the
 optimiser and scheduler from the config, checks that the data fits the model, and ``save_hyperparameters``
-so ``load_from_checkpoint`` works without the training script.
+so ``load_from_checkpoint`` works without the training script. Its defaults are PyTorch's (initialisation, loss,
+optimiser); the book configs ask for Keras' choices explicitly (``init: keras``, ``prob_clip: 1.0e-07``, ...).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.utilities import rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics import MeanAbsoluteError, Metric, MetricCollection
 from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
-from lightning_modules.layers import InitName, keras_init_
+from lightning_modules.layers import KERNEL_LAYERS, InitName, keras_init_
 from lightning_modules.losses import LOSSES, LossName, Task, balanced_class_weights, task_loss, training_class_counts
 from lightning_modules.optim import SchedulerInterval, optimizers_from_factories
 
@@ -43,49 +43,6 @@ def check_input_shape(datamodule: pl.LightningDataModule, input_shape: Sequence[
             f"{type(datamodule).__name__} yields inputs of shape {tuple(dims)} but the model was built for "
             f"input_shape={tuple(input_shape)}. Set --model.init_args.input_shape '{list(dims)}'{hint}."
         )
-
-
-NVML_CUDA_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
-
-
-def use_runtime_cuda_check_without_gpu() -> bool:
-    """On a machine without a visible GPU, switch ``torch.cuda.is_available()`` back from Lightning's NVML-based
-    check to torch's default one; returns whether it switched.
-
-    Lightning sets ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` when it is imported, so that asking whether CUDA is
-    available does not initialise CUDA (which would break CUDA in processes forked later). With it, each call loads
-    the NVML library anew until CUDA is initialised, which a CPU run never does, and torch's optimisers (Adam,
-    AdamW, RMSprop, ...) ask on every ``step()``: about 0.3 ms a step on a CUDA build of torch, 7 % of the MNIST
-    MLP's epoch on a 2-core CPU. Where NVML sees no GPU there is no CUDA to protect, and torch's default check
-    answers once and caches the answer. Machines with a GPU keep Lightning's setting.
-    """
-    if os.environ.get(NVML_CUDA_CHECK) != "1" or torch.cuda.device_count() > 0:
-        return False
-    os.environ[NVML_CUDA_CHECK] = "0"
-    return True
-
-
-class TemplateModule(pl.LightningModule):
-    """``pl.LightningModule`` without two of Lightning's per-step costs; every module's base.
-
-    - Lightning sets ``self._current_fx_name`` twice around every hook it calls (about 50 times per training
-      step). ``nn.Module.__setattr__`` checks each value against parameters, buffers and submodules, through the
-      Python-level ``isinstance`` hooks of ``Parameter`` and ``Buffer``: about 13 Python calls per assignment. A
-      hook name (a string or None) is never one of those, so it goes straight into ``__dict__``, where
-      ``nn.Module.__setattr__`` would have put it too.
-    - When training starts on a machine without a GPU, :func:`use_runtime_cuda_check_without_gpu` stops the NVML
-      probe that every optimiser step would otherwise run. A subclass overriding ``on_train_start`` calls
-      ``super().on_train_start()``.
-    """
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if name == "_current_fx_name":
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
-
-    def on_train_start(self) -> None:
-        use_runtime_cuda_check_without_gpu()
 
 
 class EpochMean(Metric):
@@ -112,7 +69,7 @@ class EpochMean(Metric):
         return self.total / self.weight
 
 
-class SupervisedModule(TemplateModule):
+class SupervisedModule(pl.LightningModule):
     """Supervised base module. Subclasses set ``self.net`` after calling ``super().__init__``.
 
     Args:
@@ -124,9 +81,10 @@ class SupervisedModule(TemplateModule):
         lr_scheduler: Optional scheduler factory; ``ReduceLROnPlateau`` monitors ``val/loss``.
         scheduler_interval: When the scheduler steps: ``step`` (after every training step), ``epoch``, or
             ``auto`` (OneCycleLR, CyclicLR and LinearLR warm-ups per step, the others per epoch).
-        init: ``keras`` re-initialises the network with Keras defaults (the book recipes), ``torch``
-            keeps PyTorch's.
-        prob_clip: Keras clips probabilities to ``[eps, 1-eps]`` in its cross-entropies (1e-7); 0 disables.
+        init: ``torch`` keeps PyTorch's initialisation; ``keras`` re-initialises the network with Keras defaults
+            (the book recipes; see :func:`~lightning_modules.layers.keras_init_`).
+        prob_clip: Clip probabilities to ``[prob_clip, 1 - prob_clip]`` in the cross-entropy, as Keras does with
+            1e-7; 0 (PyTorch's loss) disables it.
         top_k: k of the top-k error (``val/top5_err`` for k=5), logged when there are more than k classes.
         l1: Weight of the L1 penalty ``l1 * sum(|w|)`` on the kernels of :meth:`regularized_weights` (Keras
             ``kernel_regularizer=l1(...)``), added to the training loss.
@@ -143,8 +101,11 @@ class SupervisedModule(TemplateModule):
             multiclass: a scalar factor). ``None`` disables it.
         focal_gamma: Focal loss focusing parameter; ``gamma=0`` with ``focal_alpha=None`` is plain CE.
 
-    The penalties act on training only: ``train/loss`` and ``val/loss`` are the data loss (comparable), the
-    penalty is logged as ``train/penalty`` and the optimised loss is their sum.
+    The penalties and ``max_norm`` act on the kernels of Linear/Conv layers only (:meth:`regularized_weights`);
+    when ``fit`` starts, a warning names the trainable weights they skip (e.g. a transformer's ``in_proj_weight``,
+    ``cls_token``, ``pos_embed``, an RNN's kernels). The penalties act on training only: ``train/loss`` and
+    ``val/loss`` are the data loss (comparable), the penalty is logged as ``train/penalty`` and the optimised loss
+    is their sum.
     """
 
     def __init__(
@@ -155,7 +116,7 @@ class SupervisedModule(TemplateModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: SchedulerInterval = "auto",
-        init: InitName = "keras",
+        init: InitName = "torch",
         prob_clip: float = 0.0,
         top_k: int = 5,
         l1: float = 0.0,
@@ -261,7 +222,29 @@ class SupervisedModule(TemplateModule):
     def regularized_weights(self) -> Iterator[Tensor]:
         """The kernels the penalties and ``max_norm`` act on: weights of every Linear/Conv layer of ``self.net``
         (not biases, not normalisation layers). Override to choose others (e.g. conv kernels only)."""
-        return (m.weight for m in self.net.modules() if isinstance(m, nn.Linear | nn.modules.conv._ConvNd))
+        return (m.weight for m in self.net.modules() if isinstance(m, KERNEL_LAYERS))
+
+    def unregularized_weights(self) -> list[str]:
+        """Names of the trainable weights (2 or more dims: not biases or normalisation scales) that ``l1``, ``l2``
+        and ``max_norm`` skip: neither in :meth:`regularized_weights` nor the kernel of a Linear/Conv layer that an
+        override left out on purpose. E.g. ``MultiheadAttention.in_proj_weight``, a ``cls_token``, an RNN's
+        kernels, an embedding."""
+        chosen = {id(w) for w in self.regularized_weights()}
+        chosen |= {id(m.weight) for m in self.modules() if isinstance(m, KERNEL_LAYERS)}
+        return [n for n, p in self.named_parameters() if p.requires_grad and p.dim() >= 2 and id(p) not in chosen]
+
+    def warn_unregularized(self) -> None:
+        """Warn (once per message, rank zero) naming :meth:`unregularized_weights` when a penalty or max_norm is on."""
+        hp = self.hparams
+        if not (hp.l1 or hp.l2 or hp.max_norm is not None):
+            return
+        names = self.unregularized_weights()
+        if names:
+            shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+            rank_zero_warn(
+                f"{type(self).__name__}: l1, l2 and max_norm act on the kernels of Linear/Conv layers only; these "
+                f"trainable weights are not regularised: {shown}. Override regularized_weights() to include them."
+            )
 
     def regularization_loss(self) -> Tensor:
         """``l1 * sum(|w|) + l2 * sum(w**2)`` over :meth:`regularized_weights`; zero when both are off."""
@@ -353,7 +336,9 @@ class SupervisedModule(TemplateModule):
 
     # ---- input checks --------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "fit":
+            self.warn_unregularized()
+        datamodule = self.trainer.datamodule
         if datamodule is None:
             return
         if stage == "fit" and self.hparams.get("loss") == "balanced_ce" and self.hparams.class_weights is None:

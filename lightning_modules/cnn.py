@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lightning_modules.base import SupervisedModule
-from lightning_modules.layers import ActivationName, Dropout, activation
+from lightning_modules.layers import ActivationName, activation
 
 
 class ConvNet(nn.Sequential):
@@ -40,7 +40,7 @@ class ConvNet(nn.Sequential):
         body = nn.Sequential(*features)
         with torch.no_grad():
             flat = body(torch.zeros(1, *input_shape)).numel()
-        super().__init__(body, nn.Flatten(), Dropout(dropout), nn.Linear(flat, out_features))
+        super().__init__(body, nn.Flatten(), nn.Dropout(dropout), nn.Linear(flat, out_features))
 
 
 class CNNClassifier(SupervisedModule):

@@ -13,8 +13,10 @@ Channels 27 -> 219 -> 108 -> 300 -> 150 -> 342. The 108 is a quirk of the book r
 so the first transition outputs int((24 + 16 * 12) * 0.5) = 108 channels, not int(219 * 0.5) = 109. From there on
 the counter and the real channel count agree.
 
-All convs: 'same', he_normal, with bias, no L2 (the book uses none here). Dropout 0.2 after every conv is in the book
-only when it trains without data augmentation; its recipe uses augmentation, hence ``dropout=0.0`` by default.
+All convs: 'same', with bias, no L2 (the book uses none here); he_normal kernels and Keras' BatchNorm (momentum
+0.99, eps 1e-3) with ``init: keras`` and ``batch_norm: keras``, as the book config sets. Dropout 0.2 after every
+conv is in the book only when it trains without data augmentation; its recipe uses augmentation, hence
+``dropout=0.0`` by default.
 No mean subtraction; RMSprop 1e-3 with the step schedule is the config's business.
 """
 
@@ -27,16 +29,22 @@ import torch
 from torch import Tensor, nn
 
 from lightning_modules.base import SupervisedModule
-from lightning_modules.layers import Conv2dSame, Dropout, he_normal_init_, keras_batch_norm
+from lightning_modules.layers import (
+    BatchNormName,
+    Conv2dSame,
+    batch_norm_of_old_checkpoint,
+    he_normal_init_,
+    set_batch_norm_style_,
+)
 
 
 def bn_relu_conv(in_channels: int, out_channels: int, kernel_size: int, dropout: float) -> nn.Sequential:
     """DenseNet's composite function: BN -> ReLU -> Conv ('same') [-> Dropout]."""
     layers = OrderedDict(
-        bn=keras_batch_norm(in_channels), act=nn.ReLU(), conv=Conv2dSame(in_channels, out_channels, kernel_size)
+        bn=nn.BatchNorm2d(in_channels), act=nn.ReLU(), conv=Conv2dSame(in_channels, out_channels, kernel_size)
     )
     if dropout > 0:
-        layers["drop"] = Dropout(dropout)
+        layers["drop"] = nn.Dropout(dropout)
     return nn.Sequential(layers)
 
 
@@ -45,7 +53,7 @@ class DenseStem(nn.Module):
 
     def __init__(self, in_channels: int, filters: int) -> None:
         super().__init__()
-        self.bn = keras_batch_norm(in_channels)
+        self.bn = nn.BatchNorm2d(in_channels)
         self.act = nn.ReLU()
         self.conv = Conv2dSame(in_channels, filters, 3)
         self.in_channels, self.out_channels = in_channels, in_channels + filters
@@ -89,9 +97,9 @@ class Transition(nn.Sequential):
     """BN -> Conv 1x1 (no ReLU, as in the book) [-> Dropout] -> AvgPool 2 (stride 2, 'valid')."""
 
     def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
-        layers = OrderedDict(bn=keras_batch_norm(in_channels), conv=Conv2dSame(in_channels, out_channels, 1))
+        layers = OrderedDict(bn=nn.BatchNorm2d(in_channels), conv=Conv2dSame(in_channels, out_channels, 1))
         if dropout > 0:
-            layers["drop"] = Dropout(dropout)
+            layers["drop"] = nn.Dropout(dropout)
         layers["pool"] = nn.AvgPool2d(2)
         super().__init__(layers)
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -124,6 +132,8 @@ class DenseNet(nn.Module):
         num_classes: Outputs of the Dense head.
         input_size: ``(H, W)``, to size the head (32x32 -> 8x8 maps pooled to 1x1).
         num_blocks: Dense blocks (3 in the book).
+        batch_norm: ``torch`` (PyTorch's BatchNorm defaults) or ``keras`` (the book's: momentum 0.99 in Keras'
+            terms, eps 1e-3).
     """
 
     def __init__(
@@ -137,6 +147,7 @@ class DenseNet(nn.Module):
         num_classes: int = 10,
         input_size: Sequence[int] = (32, 32),
         num_blocks: int = 3,
+        batch_norm: BatchNormName = "torch",
     ) -> None:
         super().__init__()
         if growth_rate < 1:
@@ -173,6 +184,7 @@ class DenseNet(nn.Module):
                 f"it needs inputs of at least {8 * 2 ** (num_blocks - 1)}x{8 * 2 ** (num_blocks - 1)}."
             )
         self.fc = nn.Linear(channels * (h // 8) * (w // 8), num_classes)
+        set_batch_norm_style_(self, batch_norm)
 
     def channel_flow(self) -> list[int]:
         """Channels after the stem and after every block and transition, e.g. [27, 219, 108, 300, 150, 342]."""
@@ -192,6 +204,8 @@ class DenseNetClassifier(SupervisedModule):
         bottleneck: BN-ReLU-Conv1x1(4k) before every BN-ReLU-Conv3x3(k).
         dropout: After every conv; the book uses 0.2 only when it trains without augmentation, 0 in its recipe.
         input_shape: ``(C, H, W)``; CIFAR-10 is ``(3, 32, 32)``.
+        batch_norm: ``torch`` (PyTorch's BatchNorm defaults) or ``keras`` (the book's: momentum 0.99 in Keras'
+            terms, eps 1e-3).
         **kwargs: See :class:`~lightning_modules.base.SupervisedModule`. Here ``init: keras`` means the book's
             initialisation: he_normal (truncated) kernels and zero biases, not glorot_uniform.
     """
@@ -204,14 +218,20 @@ class DenseNetClassifier(SupervisedModule):
         bottleneck: bool = True,
         dropout: float = 0.0,
         input_shape: Sequence[int] = (3, 32, 32),
+        batch_norm: BatchNormName = "torch",
         **kwargs,
     ) -> None:
         super().__init__(input_shape=input_shape, **kwargs)
         if len(self.input_shape) != 3:
             raise ValueError(f"input_shape={self.input_shape}: DenseNet needs (C, H, W).")
         c, h, w = self.input_shape
-        self.net = DenseNet(growth_rate, depth, compression, bottleneck, dropout, c, self.out_features, (h, w))
+        self.net = DenseNet(
+            growth_rate, depth, compression, bottleneck, dropout, c, self.out_features, (h, w), batch_norm=batch_norm
+        )
         self.init_weights()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        batch_norm_of_old_checkpoint(self, checkpoint)
 
     def init_weights(self) -> None:
         if self.hparams.init == "keras":

@@ -23,12 +23,13 @@ import math
 from collections.abc import Sequence
 from typing import Literal
 
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lightning_modules.base import TemplateModule, check_input_shape
+from lightning_modules.base import check_input_shape
 from lightning_modules.optim import SchedulerInterval, optimizers_from_factories
 
 Episode = dict[str, Tensor]
@@ -102,7 +103,7 @@ def unique_episodes(episodes: Tensor, *values: Tensor) -> tuple[Tensor, ...]:
 # ---- modules -----------------------------------------------------------------------------------------------------
 
 
-class FewShotModule(TemplateModule):
+class FewShotModule(pl.LightningModule):
     """Base of the episodic modules: a subclass implements :meth:`logits` (query scores per episode class).
 
     Batches are episodes (see :class:`datamodules.omniglot.EpisodeDataset`): ``support``, ``support_labels``,
@@ -183,7 +184,7 @@ class FewShotModule(TemplateModule):
         return {"labels": logits.argmax(-1), "probabilities": logits.softmax(-1)}
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = self.trainer.datamodule
         if datamodule is None:
             return
         name = type(datamodule).__name__

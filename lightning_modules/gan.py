@@ -3,9 +3,11 @@
 Per training step, as the book's ``train()``: the discriminator is updated once on a batch of real images
 (label 1) concatenated with as many generated ones (label 0); then the generator is updated once on fresh
 noise labelled 1 ("real") with the discriminator frozen, so that it learns to fool it. Two optimisers with
-their own learning rates and Keras-style ``decay`` (``lr / (1 + decay * updates)``) are stepped by hand.
+their own learning rates and optionally Keras-style ``decay`` (``lr / (1 + decay * updates)``) are stepped by
+hand. The defaults are PyTorch's (RMSprop's alpha and eps, no decay, BatchNorm, initialisation, fakes for D made
+in train mode); ``configs/mnist/dcgan.yaml`` states the book's Keras choices.
 
-Book recipe (REFERENCE_MODELS.md, MNIST): z ~ U(-1, 1) of size 100. Generator Dense 7*7*128 -> 4 x [BN ->
+Book recipe (``docs/reference_models.md``, MNIST): z ~ U(-1, 1) of size 100. Generator Dense 7*7*128 -> 4 x [BN ->
 ReLU -> ConvT k5 'same'] with 128 s2, 64 s2, 32, 1 filters -> sigmoid. Discriminator 4 x [LeakyReLU 0.2 ->
 Conv k5 'same'] with 32 s2, 64 s2, 128 s2, 256 -> Flatten -> Dense 1 (sigmoid in the BCE), no BN. D RMSprop
 2e-4 (decay 6e-8), G RMSprop 1e-4 (decay 3e-8), BCE, batch 64, 40,000 steps. The conditional GAN feeds a
@@ -13,7 +15,8 @@ one-hot label to both: concatenated to z in G, projected by Dense H*W to a secon
 
 Under the notes' convergence signature the discriminator loss settles near 0.5 and the generator loss near 1.
 Note that ``trainer.global_step`` counts optimiser steps, i.e. two per training step here: ``max_steps: 80000``
-is the book's 40,000 iterations.
+is the book's 40,000 iterations. Under DDP each update leaves one player's parameters unused, which DDP accepts only
+with ``find_unused_parameters=True``: run it with ``--trainer.strategy ddp_find_unused_parameters_true``.
 """
 
 from __future__ import annotations
@@ -21,17 +24,23 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.cli import OptimizerCallable
-from pytorch_lightning.strategies import DDPStrategy
-from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_modules.autoencoder import ConvTranspose2dSame, check_image_datamodule
-from lightning_modules.base import TemplateModule
-from lightning_modules.layers import Conv2dSame, InitName, keras_batch_norm, keras_init_
+from lightning_modules.layers import (
+    BatchNormName,
+    Conv2dSame,
+    InitName,
+    batch_norm2d,
+    batch_norm_of_old_checkpoint,
+    keras_init_,
+)
 
 
 class Generator(nn.Module):
@@ -49,6 +58,7 @@ class Generator(nn.Module):
         strides: Sequence[int] = (2, 2, 1, 1),
         kernel_size: int = 5,
         num_classes: int = 0,
+        batch_norm: BatchNormName = "torch",
     ) -> None:
         super().__init__()
         c, h, w = image_shape
@@ -64,7 +74,7 @@ class Generator(nn.Module):
         layers.append(nn.Unflatten(1, self.start_shape))
         channels = filters[0]
         for f, s in zip(filters, strides, strict=True):
-            layers += [keras_batch_norm(channels), nn.ReLU(), ConvTranspose2dSame(channels, f, kernel_size, s)]
+            layers += [batch_norm2d(channels, batch_norm), nn.ReLU(), ConvTranspose2dSame(channels, f, kernel_size, s)]
             channels = f
         layers.append(nn.Sigmoid())
         self.net = nn.Sequential(*layers)
@@ -111,9 +121,10 @@ class Discriminator(nn.Module):
         return self.head(self.features(images)).squeeze(1)
 
 
-def book_rmsprop(lr: float):
-    """The book's optimiser: Keras RMSprop (rho 0.9, eps 1e-7) with learning rate ``lr``."""
-    return lambda params: torch.optim.RMSprop(params, lr=lr, alpha=0.9, eps=1e-7)
+def rmsprop(lr: float):
+    """``torch.optim.RMSprop`` with learning rate ``lr`` and PyTorch's other defaults (the book's Keras RMSprop has
+    ``alpha=0.9, eps=1e-7``: the configs say so)."""
+    return lambda params: torch.optim.RMSprop(params, lr=lr)
 
 
 def keras_decay(decay: float):
@@ -121,7 +132,7 @@ def keras_decay(decay: float):
     return lambda updates: 1.0 / (1.0 + decay * updates)
 
 
-class GAN(TemplateModule):
+class GAN(pl.LightningModule):
     """DCGAN, or the conditional GAN with ``conditional: true``, trained with Lightning manual optimisation.
 
     Args:
@@ -133,12 +144,17 @@ class GAN(TemplateModule):
         d_filters, d_strides: Discriminator conv blocks (see :class:`Discriminator`).
         kernel_size: Kernel of every (transposed) conv (book: 5).
         negative_slope: LeakyReLU slope in D (book: 0.2).
-        d_optimizer: Discriminator optimiser factory; ``None``: the book's RMSprop(lr 2e-4, rho 0.9, eps 1e-7).
-        g_optimizer: Generator optimiser factory; ``None``: RMSprop(lr 1e-4, rho 0.9, eps 1e-7).
-        d_decay, g_decay: Keras ``decay`` of each optimiser's lr, per update (book: 6e-8 and 3e-8).
+        d_optimizer: Discriminator optimiser factory; ``None``: ``RMSprop(lr=2e-4)`` with PyTorch's alpha and eps
+            (the book: Keras' rho 0.9, eps 1e-7).
+        g_optimizer: Generator optimiser factory; ``None``: ``RMSprop(lr=1e-4)``, likewise.
+        d_decay, g_decay: Keras ``decay`` of each optimiser's lr, per update; 0 (PyTorch: none) disables it (book:
+            6e-8 and 3e-8).
         eval_generator_for_d: Make the discriminator's fakes with G in eval mode (BN running statistics), as
-            the book's ``generator.predict`` does; ``False`` uses batch statistics.
-        init: ``keras`` (glorot_uniform kernels, zero biases) or ``torch``.
+            the book's Keras ``generator.predict`` does; ``False`` (the default) uses batch statistics, as a plain
+            PyTorch loop calling ``generator(z)`` does.
+        init: ``torch`` (PyTorch's initialisation) or ``keras`` (glorot_uniform kernels, zero biases).
+        batch_norm: G's BatchNorm: ``torch`` (momentum 0.1, eps 1e-5) or ``keras`` (the book's: momentum 0.99 in
+            Keras' terms, eps 1e-3).
 
     Logged per step and per epoch (synced): ``train/d_loss``, ``train/g_loss``, ``train/d_acc``,
     ``train/d_acc_real``, ``train/d_acc_fake`` and ``train/loss`` (their sum ``d_loss + g_loss``, the one
@@ -160,10 +176,11 @@ class GAN(TemplateModule):
         negative_slope: float = 0.2,
         d_optimizer: OptimizerCallable | None = None,
         g_optimizer: OptimizerCallable | None = None,
-        d_decay: float = 6e-8,
-        g_decay: float = 3e-8,
-        eval_generator_for_d: bool = True,
-        init: InitName = "keras",
+        d_decay: float = 0.0,
+        g_decay: float = 0.0,
+        eval_generator_for_d: bool = False,
+        init: InitName = "torch",
+        batch_norm: BatchNormName = "torch",
     ) -> None:
         super().__init__()
         if len(input_shape) != 3:
@@ -176,10 +193,10 @@ class GAN(TemplateModule):
         self.num_classes = num_classes
         self.input_shape = tuple(input_shape)
         self.latent_dim = latent_dim
-        self.d_optimizer_factory = d_optimizer or book_rmsprop(2e-4)
-        self.g_optimizer_factory = g_optimizer or book_rmsprop(1e-4)
+        self.d_optimizer_factory = d_optimizer or rmsprop(2e-4)
+        self.g_optimizer_factory = g_optimizer or rmsprop(1e-4)
         cond = num_classes if conditional else 0
-        self.generator = Generator(latent_dim, input_shape, g_filters, g_strides, kernel_size, cond)
+        self.generator = Generator(latent_dim, input_shape, g_filters, g_strides, kernel_size, cond, batch_norm)
         self.discriminator = Discriminator(input_shape, d_filters, d_strides, kernel_size, negative_slope, cond)
         if init == "keras":
             keras_init_(self)
@@ -284,13 +301,22 @@ class GAN(TemplateModule):
         # Stepped by hand in training_step, once per update of their optimiser (Keras' `iterations`).
         return [opt_d, opt_g], [LambdaLR(opt_d, keras_decay(hp.d_decay)), LambdaLR(opt_g, keras_decay(hp.g_decay))]
 
-    # ---- checks and DDP ------------------------------------------------------------------------------
+    # ---- checks, DDP and checkpoints ----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         check_image_datamodule(self, self.input_shape, self.num_classes if self.conditional else None)
-        strategy = self.trainer.strategy if self._trainer is not None else None
-        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters"):
-            # Each update uses only one network's parameters (G's are idle in the D update and D's frozen in
-            # the G update); plain DDP would wait forever for their gradients. Same as the strategy name
-            # "ddp_find_unused_parameters_true", set here so that "--trainer.strategy ddp" just works.
-            strategy._ddp_kwargs["find_unused_parameters"] = True
-            rank_zero_info("GAN: DDP set to find_unused_parameters=True (each update trains one of G and D).")
+
+    def on_fit_start(self) -> None:
+        # Each update uses only one network's parameters (G's are idle in the D update and D's frozen in the G
+        # update), which DDP refuses unless told to look for unused parameters. The strategy has wrapped the model
+        # by now, so its DDP wrapper says how it was built.
+        wrapper = self.trainer.strategy.model
+        if isinstance(wrapper, DistributedDataParallel) and not wrapper.find_unused_parameters:
+            raise ValueError(
+                "The GAN trains G and D in separate updates, so each update leaves one network's parameters unused, "
+                "and DDP needs find_unused_parameters=True for that. Run it with --trainer.strategy "
+                "ddp_find_unused_parameters_true (or ddp_spawn_find_unused_parameters_true), or pass "
+                "DDPStrategy(find_unused_parameters=True)."
+            )
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        batch_norm_of_old_checkpoint(self, checkpoint)

@@ -1,4 +1,7 @@
-"""Building blocks shared by the topic modules: activations by name, Keras initialisers and layers, locked dropout."""
+"""Building blocks shared by the topic modules: activations by name, Keras initialisers and layers, locked dropout.
+
+Everything here is plain PyTorch; the CPU speed tricks the CLI applies live in ``callbacks/speedups.py``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 ActivationName = Literal["relu", "elu", "selu", "softplus", "tanh", "sigmoid", "leaky_relu", "gelu"]
@@ -31,19 +35,67 @@ def activation(name: str) -> nn.Module:
         raise ValueError(f"Unknown activation {name!r}; choose one of {sorted(_ACTIVATIONS)}.") from None
 
 
-InitName = Literal["keras", "torch"]
+InitName = Literal["torch", "keras"]
+BatchNormName = Literal["torch", "keras"]
+
+CONV_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+)  # fmt: skip
+"""Every convolution of ``torch.nn`` (their lazy variants are subclasses)."""
+
+KERNEL_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, *CONV_LAYERS)
+"""The layers whose ``weight`` is what Keras calls a kernel: Dense and convolutions."""
+
+OWN_INIT_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.RMSNorm, nn.Embedding, nn.EmbeddingBag,
+)  # fmt: skip
+"""Layers an initialiser here leaves to themselves on purpose: normalisation layers start at scale 1 and shift 0 in
+PyTorch and Keras alike; an embedding's initialisation is the caller's (Keras: ``U(-0.05, 0.05)``)."""
+
+
+def _rnn_parameter_covered(name: str) -> bool:
+    return name.startswith(("weight_ih", "weight_hh", "bias"))
+
+
+def uncovered_parameters(module: nn.Module, covered: tuple[type[nn.Module], ...]) -> list[str]:
+    """Names of ``module``'s parameters that an initialiser of the ``covered`` layers (plus recurrent layers when
+    ``nn.RNNBase`` is among them) leaves at their own initialisation, :data:`OWN_INIT_LAYERS` excepted: e.g. a
+    ``MultiheadAttention``'s ``in_proj_weight``, a transformer's ``cls_token`` or ``pos_embed``."""
+    names = []
+    for prefix, m in module.named_modules():
+        if isinstance(m, OWN_INIT_LAYERS) or (isinstance(m, covered) and not isinstance(m, nn.RNNBase)):
+            continue
+        for name, _ in m.named_parameters(recurse=False):
+            if isinstance(m, nn.RNNBase) and nn.RNNBase in covered and _rnn_parameter_covered(name):
+                continue
+            names.append(f"{prefix}.{name}" if prefix else name)
+    return names
+
+
+def warn_uncovered(module: nn.Module, covered: tuple[type[nn.Module], ...], initialiser: str) -> list[str]:
+    """Warn (once per message, rank zero) naming the parameters :func:`uncovered_parameters` finds; returns them."""
+    names = uncovered_parameters(module, covered)
+    if names:
+        shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+        rank_zero_warn(
+            f"{initialiser} initialises {', '.join(c.__name__ for c in covered)} layers only; these parameters keep "
+            f"PyTorch's initialisation: {shown}. Initialise them yourself after it where the recipe needs it."
+        )
+    return names
 
 
 @torch.no_grad()
 def keras_init_(module: nn.Module) -> nn.Module:
     """Re-initialise ``module`` in place with Keras defaults.
 
-    Dense/Conv kernels: glorot_uniform, biases zero. Recurrent layers: glorot_uniform input kernels,
-    orthogonal recurrent kernels, zero biases and, for LSTMs, forget-gate bias 1 (``unit_forget_bias``).
-    BatchNorm and Embedding layers keep their own initialisation.
+    Dense/Conv kernels: glorot_uniform, biases zero. Recurrent layers (``nn.RNN``/``LSTM``/``GRU``): glorot_uniform
+    input kernels, orthogonal recurrent kernels, zero biases and, for LSTMs, forget-gate bias 1
+    (``unit_forget_bias``). Normalisation and embedding layers keep their own initialisation. Any other parameter
+    (e.g. ``MultiheadAttention.in_proj_weight``, a ``cls_token``) is left as it is, with a warning naming it.
     """
     for m in module.modules():
-        if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.ConvTranspose2d):
+        if isinstance(m, KERNEL_LAYERS):
             nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -58,33 +110,13 @@ def keras_init_(module: nn.Module) -> nn.Module:
                     nn.init.zeros_(param)
                     if isinstance(m, nn.LSTM) and name.startswith("bias_ih"):
                         param[m.hidden_size : 2 * m.hidden_size] = 1.0  # gate order i, f, g, o
+    warn_uncovered(module, (*KERNEL_LAYERS, nn.RNNBase), "keras_init_")
     return module
 
 
-def dropout_mask(like: Tensor, shape: tuple[int, ...], p: float) -> Tensor:
-    """A dropout mask of ``shape`` on ``like``'s device and dtype: 0 with probability ``p``, else ``1 / (1 - p)``.
-
-    On the CPU the mask thresholds uniform numbers (``rand >= p``), which is 2.5-3.5x faster there than
-    ``bernoulli_`` (what ``F.dropout`` draws with): 0.19 ms against 0.47 ms forward + backward for a 128 x 256
-    activation on this project's 2-core machine, where the MNIST MLP's two dropouts were a fifth of its epoch.
-    Same distribution; other devices keep ``bernoulli_``.
-    """
-    if like.device.type == "cpu":
-        keep = torch.rand(shape, dtype=like.dtype, device=like.device).ge_(p)
-    else:
-        keep = like.new_empty(shape).bernoulli_(1.0 - p)
-    return keep.mul_(1.0 / (1.0 - p))
-
-
-class Dropout(nn.Dropout):
-    """``nn.Dropout`` with the faster CPU mask of :func:`dropout_mask`; on a GPU (PyTorch's fused kernel), in place
-    or at p 0 or 1, ``nn.Dropout`` runs as it is. A drop-in subclass: same arguments, ``isinstance(m, nn.Dropout)``
-    holds, no state."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu" or not self.training or self.inplace or self.p in (0.0, 1.0):
-            return super().forward(x)
-        return x * dropout_mask(x, x.shape, self.p)
+Dropout = nn.Dropout
+"""Plain ``nn.Dropout``, kept for imports written when this file had a CPU dropout kernel (now
+:class:`callbacks.speedups.ThresholdDropout`, which the CLI swaps in on the CPU); new code uses ``nn.Dropout``."""
 
 
 class LockedDropout(nn.Module):
@@ -103,7 +135,8 @@ class LockedDropout(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        return x * dropout_mask(x, (x.shape[0], 1, x.shape[2]), self.p)
+        keep = x.new_empty(x.shape[0], 1, x.shape[2]).bernoulli_(1.0 - self.p)
+        return x * keep.div_(1.0 - self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -131,18 +164,53 @@ def he_normal_(tensor: Tensor) -> Tensor:
 
 @torch.no_grad()
 def he_normal_init_(module: nn.Module) -> nn.Module:
-    """The book's CIFAR initialisation: he_normal Conv/Dense kernels, zero biases; BatchNorm keeps gamma 1, beta 0."""
+    """The book's CIFAR initialisation: he_normal Conv2d/Linear kernels, zero biases; normalisation layers keep
+    theirs (gamma 1, beta 0). Any other parameter is left as it is, with a warning naming it."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d | nn.Linear):
             he_normal_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+    warn_uncovered(module, (nn.Conv2d, nn.Linear), "he_normal_init_")
     return module
 
 
-def keras_batch_norm(channels: int) -> nn.BatchNorm2d:
-    """Keras ``BatchNormalization()``: momentum 0.99 (PyTorch's 0.01) and eps 1e-3."""
-    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)
+BATCH_NORM_SETTINGS: dict[str, dict[str, float]] = {
+    "torch": {"eps": 1e-5, "momentum": 0.1},
+    "keras": {"eps": 1e-3, "momentum": 0.01},
+}
+"""``nn.BatchNorm`` arguments per style. Keras' ``BatchNormalization()`` keeps 0.99 of the running statistics per
+step (PyTorch's momentum 0.01) and adds eps 1e-3; PyTorch's defaults keep 0.9 and add 1e-5."""
+
+
+def batch_norm_settings(style: BatchNormName) -> dict[str, float]:
+    """``eps`` and ``momentum`` of a BatchNorm ``style``; a ``ValueError`` names the choices."""
+    if style not in BATCH_NORM_SETTINGS:
+        raise ValueError(f"batch_norm={style!r}: choose 'torch' (PyTorch's defaults) or 'keras'.")
+    return BATCH_NORM_SETTINGS[style]
+
+
+def batch_norm2d(channels: int, style: BatchNormName = "torch") -> nn.BatchNorm2d:
+    """``nn.BatchNorm2d`` with PyTorch's defaults, or with ``style="keras"`` Keras' (momentum 0.99, eps 1e-3)."""
+    return nn.BatchNorm2d(channels, **batch_norm_settings(style))
+
+
+def set_batch_norm_style_(module: nn.Module, style: BatchNormName) -> nn.Module:
+    """Give every BatchNorm layer of ``module`` the eps and momentum of ``style``, in place."""
+    settings = batch_norm_settings(style)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d | nn.SyncBatchNorm):
+            m.eps, m.momentum = settings["eps"], settings["momentum"]
+    return module
+
+
+def batch_norm_of_old_checkpoint(module: nn.Module, checkpoint: dict) -> None:
+    """For ``on_load_checkpoint``: a checkpoint saved before the ``batch_norm`` argument existed was trained with
+    Keras' BatchNorm (then the only one); rebuild its layers so, and record it in ``module.hparams``."""
+    hparams = checkpoint.get("hyper_parameters")
+    if hparams is not None and "batch_norm" not in hparams:
+        set_batch_norm_style_(module, "keras")
+        module.hparams["batch_norm"] = "keras"
 
 
 def same_padding(size: int, kernel_size: int, stride: int) -> tuple[int, int]:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from lightning_modules.base import SupervisedModule, warn_if_narrow
-from lightning_modules.layers import ActivationName, Dropout, activation
+from lightning_modules.layers import ActivationName, activation
 
 
 class MLP(nn.Sequential):
@@ -24,7 +24,7 @@ class MLP(nn.Sequential):
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
         for units in hidden_units:
-            layers += [nn.Linear(width, units), activation(act), Dropout(dropout)]
+            layers += [nn.Linear(width, units), activation(act), nn.Dropout(dropout)]
             width = units
         layers.append(nn.Linear(width, out_features))
         super().__init__(*layers)

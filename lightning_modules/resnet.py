@@ -12,8 +12,9 @@ Book recipe (Advanced Deep Learning with Keras, chapter 2, ``resnet-cifar10-2.2.
   a 1x1 projection shortcut (with the stride). Widths (in -> out): 16 -> 64, 64 -> 128, 128 -> 256. No ReLU after
   the addition. Head BN -> ReLU -> AvgPool 8 -> Flatten -> Dense.
 
-Keras defaults copied: BatchNorm momentum 0.99 / eps 1e-3, he_normal = truncated normal, zero biases, 'same' padding
-that puts the odd extra row/column of a strided conv at the bottom/right, and the L2 penalty added to the loss.
+Keras' choices copied, on request (``init: keras``, ``batch_norm: keras``, as the book configs set): BatchNorm
+momentum 0.99 / eps 1e-3, he_normal = truncated normal, zero biases. Always: 'same' padding that puts the odd extra
+row/column of a strided conv at the bottom/right, and the L2 penalty added to the loss.
 Training (200 epochs, Adam 1e-3 with the step schedule, per-pixel mean subtraction) is the config's business.
 """
 
@@ -27,7 +28,13 @@ from typing import Literal
 from torch import Tensor, nn
 
 from lightning_modules.base import SupervisedModule
-from lightning_modules.layers import Conv2dSame, he_normal_init_, keras_batch_norm
+from lightning_modules.layers import (
+    BatchNormName,
+    Conv2dSame,
+    batch_norm_of_old_checkpoint,
+    he_normal_init_,
+    set_batch_norm_style_,
+)
 
 
 def same_output_size(size: int, stride: int) -> int:
@@ -56,7 +63,7 @@ class ResNetLayer(nn.Sequential):
     ) -> None:
         norm_act: OrderedDict[str, nn.Module] = OrderedDict()
         if batch_norm:
-            norm_act["bn"] = keras_batch_norm(out_channels if conv_first else in_channels)
+            norm_act["bn"] = nn.BatchNorm2d(out_channels if conv_first else in_channels)
         if activation:
             norm_act["act"] = nn.ReLU()
         conv = Conv2dSame(in_channels, out_channels, kernel_size, stride)
@@ -179,6 +186,8 @@ class ResNet(nn.Module):
         in_channels: Image channels.
         num_classes: Outputs of the Dense head (logits; the book's softmax lives in the loss).
         input_size: ``(H, W)`` of the images, to size the Dense head (32x32 for CIFAR: 8x8 maps, pooled to 1x1).
+        batch_norm: ``torch`` (PyTorch's BatchNorm defaults) or ``keras`` (the book's: momentum 0.99 in Keras'
+            terms, eps 1e-3).
     """
 
     def __init__(
@@ -188,13 +197,14 @@ class ResNet(nn.Module):
         in_channels: int = 3,
         num_classes: int = 10,
         input_size: Sequence[int] = (32, 32),
+        batch_norm: BatchNormName = "torch",
     ) -> None:
         super().__init__()
         n = blocks_per_stage(version, depth)
         self.version, self.depth, self.blocks_per_stage = version, depth, n
         self.stem = ResNetLayer(in_channels, STEM_FILTERS)  # Conv-BN-ReLU in both versions
         self.stages, channels = (_stages_v1 if version == 1 else _stages_v2)(n)
-        self.head_act = nn.Sequential(keras_batch_norm(channels), nn.ReLU()) if version == 2 else nn.Identity()
+        self.head_act = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU()) if version == 2 else nn.Identity()
         self.pool = nn.AvgPool2d(8)  # Keras AveragePooling2D(pool_size=8): stride 8, 'valid'
         self.flatten = nn.Flatten()
         h, w = (same_output_size(same_output_size(s, 2), 2) for s in input_size)  # two stride-2 stages
@@ -204,6 +214,7 @@ class ResNet(nn.Module):
                 "it needs inputs of at least 29x29 (the book uses 32x32)."
             )
         self.fc = nn.Linear(channels * (h // 8) * (w // 8), num_classes)
+        set_batch_norm_style_(self, batch_norm)
 
     @property
     def name(self) -> str:
@@ -261,6 +272,8 @@ class ResNetClassifier(SupervisedModule):
         l2: Weight of the L2 penalty ``l2 * sum(w**2)`` over every conv kernel (Keras ``kernel_regularizer``; not
             biases, BN or the Dense head), added to the training loss. 0 disables it.
         input_shape: ``(C, H, W)``; CIFAR-10 is ``(3, 32, 32)``.
+        batch_norm: ``torch`` (PyTorch's BatchNorm defaults) or ``keras`` (the book's: momentum 0.99 in Keras'
+            terms, eps 1e-3).
         **kwargs: See :class:`~lightning_modules.base.SupervisedModule`. Here ``init: keras`` means the book's
             initialisation for these nets: he_normal (truncated) kernels and zero biases, not glorot_uniform.
 
@@ -274,14 +287,18 @@ class ResNetClassifier(SupervisedModule):
         depth: int = 20,
         l2: float = 1e-4,
         input_shape: Sequence[int] = (3, 32, 32),
+        batch_norm: BatchNormName = "torch",
         **kwargs,
     ) -> None:
         super().__init__(input_shape=input_shape, l2=l2, **kwargs)
         if len(self.input_shape) != 3:
             raise ValueError(f"input_shape={self.input_shape}: ResNet needs (C, H, W).")
         c, h, w = self.input_shape
-        self.net = ResNet(version, depth, c, self.out_features, (h, w))
+        self.net = ResNet(version, depth, c, self.out_features, (h, w), batch_norm)
         self.init_weights()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        batch_norm_of_old_checkpoint(self, checkpoint)
 
     def init_weights(self) -> None:
         if self.hparams.init == "keras":

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_modules.base import SupervisedModule
-from lightning_modules.layers import ActivationName, Dropout, activation
+from lightning_modules.layers import ActivationName, activation
 
 MergeName = Literal["concat", "add", "multiply"]
 
@@ -30,7 +30,7 @@ def conv_branch(
         layers += [
             nn.Conv2d(in_channels, f, kernel_size, padding="same", dilation=dilation),
             activation(act),
-            Dropout(dropout),
+            nn.Dropout(dropout),
             nn.MaxPool2d(2),
         ]
         in_channels = f
@@ -63,7 +63,7 @@ class YNet(nn.Module):
         )
         with torch.no_grad():
             flat = self._merged(*[torch.zeros(1, *input_shape)] * len(dilations)).numel()
-        self.head = nn.Sequential(nn.Flatten(), Dropout(dropout), nn.Linear(flat, out_features))
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(flat, out_features))
 
     def _merged(self, *inputs: Tensor) -> Tensor:
         features = [branch(x) for branch, x in zip(self.branches, inputs, strict=True)]

@@ -82,6 +82,20 @@ def test_bad_configuration_is_explained(mnist_dir, tmp_path):
         quiet_trainer(tmp_path, fast_dev_run=1).fit(AutoEncoder(), datamodule=datamodule)
 
 
+def test_batch_norm_and_init_are_pytorchs_unless_keras_is_asked_for():
+    def norms(model):
+        return [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+    torch.manual_seed(0)
+    plain = AutoEncoder(block="bn_pool", classifier_hidden=(8,))
+    assert norms(plain) and all(m.eps == 1e-5 and m.momentum == 0.1 for m in norms(plain))
+    assert torch.count_nonzero(plain.classifier[0].bias) > 0  # PyTorch's initialisation
+    keras = AutoEncoder(block="bn_pool", classifier_hidden=(8,), batch_norm="keras", init="keras")
+    assert all(m.eps == 1e-3 and m.momentum == 0.01 for m in norms(keras))  # Keras' momentum 0.99
+    assert torch.count_nonzero(keras.classifier[0].bias) == 0  # Keras' zero biases
+    assert [type(m) for m in keras.classifier if isinstance(m, torch.nn.Dropout)] == [torch.nn.Dropout]
+
+
 def test_reconstruction_loss_falls(mnist_dir, tmp_path):
     torch.manual_seed(0)
     datamodule = MNISTDataModule(data_dir=str(mnist_dir), val_size=64, batch_size=32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -90,7 +91,7 @@ def changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> set[str]:
 @pytest.mark.parametrize("conditional", [False, True])
 def test_one_step_updates_d_then_g_and_only_them(mnist_dir, tmp_path, conditional):
     torch.manual_seed(0)
-    gan = GAN(conditional=conditional)
+    gan = GAN(conditional=conditional, eval_generator_for_d=True)  # the book's generator.predict
     recorder = PhaseRecorder()
     datamodule = MNISTDataModule(data_dir=str(mnist_dir), val_size=0, batch_size=16)
     trainer = quiet_trainer(tmp_path, max_steps=2, callbacks=[recorder], limit_val_batches=0)
@@ -114,6 +115,38 @@ def test_one_step_updates_d_then_g_and_only_them(mnist_dir, tmp_path, conditiona
     for key in ("train/d_loss", "train/g_loss", "train/d_acc_real", "train/d_acc_fake", "train/loss"):
         assert torch.isfinite(metrics[key]), key
     assert metrics["train/loss"] == pytest.approx((metrics["train/d_loss"] + metrics["train/g_loss"]).item())
+
+
+def test_defaults_are_pytorchs_and_keras_choices_are_asked_for():
+    gan = GAN()
+    (opt_d, opt_g), (sched_d, _) = gan.configure_optimizers()
+    assert opt_d.defaults["lr"] == 2e-4 and opt_g.defaults["lr"] == 1e-4
+    assert opt_d.defaults["alpha"] == 0.99 and opt_d.defaults["eps"] == 1e-8  # PyTorch's RMSprop, not Keras'
+    for _ in range(3):
+        opt_d.step()
+        sched_d.step()
+    assert opt_d.param_groups[0]["lr"] == 2e-4  # no Keras decay
+    norms = [m for m in gan.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.eps == 1e-5 and m.momentum == 0.1 for m in norms)
+    keras = GAN(batch_norm="keras", init="keras")
+    norms = [m for m in keras.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(m.eps == 1e-3 and m.momentum == 0.01 for m in norms)  # Keras' momentum 0.99
+    assert torch.count_nonzero(keras.discriminator.head.bias) == 0  # Keras' zero biases
+
+
+def test_checkpoint_from_before_the_batch_norm_option_loads_with_keras_batch_norm(tmp_path):
+    """Such checkpoints were trained with Keras' BatchNorm, then the only one: they must predict as they did."""
+    import pytorch_lightning as pl
+
+    trained = GAN(batch_norm="keras")
+    hparams = {k: v for k, v in trained.hparams.items() if k != "batch_norm"}
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": trained.state_dict(), "hyper_parameters": hparams,
+                "pytorch-lightning_version": pl.__version__}, path)  # fmt: skip
+    restored = GAN.load_from_checkpoint(path, weights_only=False)
+    assert restored.hparams.batch_norm == "keras"
+    z = trained.sample_noise(4)
+    assert torch.allclose(restored.generate(z), trained.generate(z))
 
 
 def test_keras_decay_lowers_the_learning_rate_per_update(mnist_dir, tmp_path):
@@ -199,15 +232,35 @@ def test_cgan_config_logs_conditional_accuracy_and_predict_writes_a_grid(judge, 
     assert (Path(predict.trainer.log_dir) / "predictions.png").is_file()
 
 
+def test_ddp_without_find_unused_parameters_is_refused_with_the_strategy_to_use():
+    """Each update idles one player's parameters; DDP accepts that only with find_unused_parameters=True."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    gan = GAN()
+    for find_unused, refused in ((False, True), (True, False)):
+        wrapper = mock.Mock(spec=DistributedDataParallel, find_unused_parameters=find_unused)
+        gan.trainer = mock.Mock(**{"strategy.model": wrapper})
+        if refused:
+            with pytest.raises(ValueError, match=r"--trainer\.strategy ddp_find_unused_parameters_true"):
+                gan.on_fit_start()
+        else:
+            gan.on_fit_start()
+    gan.trainer = mock.Mock(**{"strategy.model": gan})  # one device: no DDP wrapper, nothing to check
+    gan.on_fit_start()
+
+
 @pytest.mark.slow
 def test_dcgan_under_ddp_on_two_cpu_processes(mnist_dir, tmp_path):
-    """Plain `--trainer.strategy ddp`: the module turns on find_unused_parameters (each update idles one player)."""
+    """`--trainer.strategy ddp_find_unused_parameters_true` trains; plain `ddp` stops at once with that advice."""
     import subprocess
 
     command = [sys.executable, str(ROOT / "scripts" / "train.py"), "fit", "-c", str(ROOT / "configs/mnist/dcgan.yaml"),
                "--data.init_args.data_dir", str(mnist_dir), "--data.init_args.val_size", "64",
-               "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-               "--trainer.max_steps", "6", "--trainer.enable_progress_bar", "false"]  # fmt: skip
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+               "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.max_steps", "6",
+               "--trainer.enable_progress_bar", "false", "--trainer.strategy"]  # fmt: skip
+    result = subprocess.run([*command, "ddp_find_unused_parameters_true"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    assert "find_unused_parameters=True" in result.stdout + result.stderr
+    refused = subprocess.run([*command, "ddp"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0
+    assert "ddp_find_unused_parameters_true" in refused.stdout + refused.stderr

@@ -170,10 +170,40 @@ def test_resnet_v2_structure():
     assert net.fc.in_features == 256
 
 
-def test_keras_batch_norm_defaults():
-    for model in (ResNetClassifier(version=2, depth=11), DenseNetClassifier(depth=10)):
-        norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-        assert norms and all(m.momentum == 0.01 and m.eps == 1e-3 for m in norms)
+def batch_norms(model: nn.Module) -> list[nn.BatchNorm2d]:
+    return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def test_batch_norm_is_pytorchs_unless_keras_is_asked_for():
+    for cls, kwargs in ((ResNetClassifier, dict(version=2, depth=11)), (DenseNetClassifier, dict(depth=10))):
+        assert all(m.momentum == 0.1 and m.eps == 1e-5 for m in batch_norms(cls(**kwargs)))
+        keras = batch_norms(cls(batch_norm="keras", **kwargs))
+        assert keras and all(m.momentum == 0.01 and m.eps == 1e-3 for m in keras)  # Keras' momentum 0.99
+    with pytest.raises(ValueError, match="batch_norm='tf'"):
+        ResNetClassifier(depth=8, batch_norm="tf")
+
+
+def test_checkpoint_from_before_the_batch_norm_option_predicts_as_it_did(tmp_path):
+    """Such checkpoints were trained with Keras' BatchNorm (then the only one); eps 1e-3 vs 1e-5 changes outputs."""
+    import pytorch_lightning as pl
+
+    torch.manual_seed(0)
+    trained = ResNetClassifier(depth=8, batch_norm="keras").eval()
+    with torch.no_grad():
+        for m in batch_norms(trained):
+            m.running_var.uniform_(0.0, 0.01)  # small variances: where eps matters
+    hparams = {k: v for k, v in trained.hparams.items() if k != "batch_norm"}
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": trained.state_dict(), "hyper_parameters": hparams,
+                "pytorch-lightning_version": pl.__version__}, path)  # fmt: skip
+    restored = ResNetClassifier.load_from_checkpoint(path, weights_only=False).eval()
+    x = torch.rand(2, 3, 32, 32)
+    assert restored.hparams.batch_norm == "keras"
+    assert torch.allclose(restored(x), trained(x), atol=1e-6)
+    new = torch.load(path, weights_only=False)
+    new["hyper_parameters"]["batch_norm"] = "torch"  # a checkpoint that states its choice keeps it
+    torch.save(new, path)
+    assert all(m.eps == 1e-5 for m in batch_norms(ResNetClassifier.load_from_checkpoint(path, weights_only=False)))
 
 
 # ---- Keras 'same' padding and he_normal ---------------------------------------------------------------------------
@@ -220,14 +250,14 @@ def test_he_normal_statistics():
 @pytest.mark.parametrize("cls", [ResNetClassifier, DenseNetClassifier])
 def test_book_init_is_he_normal_with_zero_biases(cls):
     torch.manual_seed(0)
-    model = cls(**({"depth": 8} if cls is ResNetClassifier else {"depth": 10}))
+    model = cls(init="keras", **({"depth": 8} if cls is ResNetClassifier else {"depth": 10}))
     for m in model.modules():
         if isinstance(m, nn.Conv2d | nn.Linear):
             assert torch.count_nonzero(m.bias) == 0
             fan_in = m.weight[0].numel()
             assert m.weight.abs().max() <= 2 * math.sqrt(2 / fan_in) / TRUNCATED_NORMAL_STD
-    torch_init = cls(init="torch", **({"depth": 8} if cls is ResNetClassifier else {"depth": 10}))
-    assert torch.count_nonzero(torch_init.net.fc.bias) > 0  # PyTorch's own init kept
+    torch_init = cls(**({"depth": 8} if cls is ResNetClassifier else {"depth": 10}))
+    assert torch.count_nonzero(torch_init.net.fc.bias) > 0  # the default: PyTorch's own init kept
 
 
 # ---- L2 penalty --------------------------------------------------------------------------------------------------
