@@ -46,12 +46,14 @@ __all__ = [
     "RunLock",
     "check_model",
     "find_checkpoint",
+    "name_loggers",
     "open_run",
     "previous_runs",
 ]
 
 CHECKPOINTS = "checkpoints"
 VERSIONED_LOGGERS = ("CSVLogger", "TensorBoardLogger")  # loggers that write into <save_dir>/<name>/version_N
+DEFAULT_NAME = "lightning_logs"  # their name when none is given
 
 
 # ---- the run directories of an experiment ------------------------------------------------------------------
@@ -69,6 +71,15 @@ def _kind(entry: Any) -> str:
 def _root(entry: Any) -> Path:
     args = entry.get("init_args") or {}
     return Path(args.get("save_dir") or ".") / (args.get("name") or "")
+
+
+def name_loggers(loggers: Any, experiment: str | None) -> None:
+    """Name the CSV and TensorBoard loggers that have no name of their own (Lightning's ``lightning_logs``) after
+    the experiment, in place: its runs go to ``<save_dir>/<experiment>/version_N``."""
+    for entry in _entries(loggers) if experiment else []:
+        args = entry.get("init_args")
+        if _kind(entry) in VERSIONED_LOGGERS and args is not None and args.get("name") in (None, "", DEFAULT_NAME):
+            args["name"] = experiment
 
 
 def experiment_root(loggers: Any) -> Path | None:

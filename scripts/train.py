@@ -31,17 +31,18 @@ import yaml
 from cli_errors import TemplateParser, run_command
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning import LightningDataModule, LightningModule, Trainer
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.utilities import rank_zero_info
 
 from callbacks.batch_scaling import batch_size_summary
-from callbacks.checkpointing import install_fault_tolerance, read_checkpoint
+from callbacks.checkpointing import LastCheckpoint, install_fault_tolerance, read_checkpoint
+from callbacks.curves import SmoothedCurves
 from callbacks.guards import FiniteLossGuard
 from callbacks.predictions import PredictionWriter
 from callbacks.profiler import NullProfiler
 from callbacks.run_record import RunRecord
-from callbacks.runs import Run, check_model, find_checkpoint, open_run
+from callbacks.runs import Run, check_model, find_checkpoint, name_loggers, open_run
 
 # The in-memory datamodules batch by tensor slicing: worker processes would only add overhead. The modules
 # log epoch aggregates, so Lightning's advice about the per-step logging interval does not apply either.
@@ -53,6 +54,18 @@ warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not emp
 # The CLI creates each run directory (and writes config.yaml) before the CSV logger starts; metrics.csv is the
 # only file that logger deletes, and callbacks.runs.ContinueMetrics carries a continued run's over.
 warnings.filterwarnings("ignore", "Experiment logs directory .* exists and is not empty")
+
+
+# What every experiment shares (loggers, checkpointing, early stopping, curves); an experiment's -c files go on top.
+DEFAULTS = Path(__file__).resolve().parents[1] / "configs" / "defaults.yaml"
+
+# Top-level config keys of the callbacks every experiment shares (null: off), added after trainer.callbacks.
+NAMED_CALLBACKS: dict[str, type[Callback]] = {
+    "checkpoint": ModelCheckpoint,
+    "early_stopping": EarlyStopping,
+    "curves": SmoothedCurves,
+    "last_checkpoint": LastCheckpoint,
+}
 
 
 class TemplateCLI(LightningCLI):
@@ -72,12 +85,24 @@ class TemplateCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
+            "--experiment",
+            type=str | None,
+            default=None,
+            help="The experiment's name: its runs go to <save_dir>/<experiment>/version_N (fills every logger "
+            "whose `name` is not set).",
+        )
+        # The callbacks every experiment shares, each under its own key (configs/defaults.yaml sets them), so that
+        # a config or a command line changes or removes one by name (`--early_stopping null`) instead of by its
+        # position in trainer.callbacks, which holds what an experiment adds.
+        for key, callback_class in NAMED_CALLBACKS.items():
+            parser.add_subclass_arguments(callback_class, key, required=False, instantiate=True)
+        parser.add_argument(
             "--test_after_fit",
             type=bool,
             default=False,
             help="After fit, evaluate the best checkpoint (or the final weights) on the test split.",
         )
-        # Speed switches (docs: README "Speed"): safe defaults on a CPU, right ones on a GPU cluster.
+        # Speed switches (docs/speed.md): safe defaults on a CPU, right ones on a GPU cluster.
         parser.add_argument(
             "--compile",
             type=bool,
@@ -103,10 +128,11 @@ class TemplateCLI(LightningCLI):
         """Parse, then find and check the checkpoint the command starts from, before anything is written."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        trainer = config.get("trainer")
+        name_loggers(trainer.get("logger"), config.get("experiment"))
         if not subcommand:
             return
-        config = self.config[subcommand]
-        trainer = config.get("trainer")
         path = find_checkpoint(
             subcommand,
             config.get("ckpt_path"),
@@ -152,6 +178,9 @@ class TemplateCLI(LightningCLI):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         if config.get("trainer", {}).get("profiler") is None:
             kwargs.setdefault("profiler", NullProfiler())  # Lightning's default no-op profiler, minus its overhead
+        named = [config.get(key) for key in NAMED_CALLBACKS]
+        given = config.get("trainer", {}).get("callbacks") or []
+        kwargs["callbacks"] = [*given, *(c for c in named if c is not None)]
         trainer = super().instantiate_trainer(**kwargs)
         install_fault_tolerance(trainer)  # atomic checkpoint writes, RNG states, an always-fresh last.ckpt
         extra = {"fit": [FiniteLossGuard()], "predict": [PredictionWriter()]}.get(self.subcommand, [])
@@ -202,6 +231,12 @@ class TemplateCLI(LightningCLI):
         rank_zero_info("\n".join([f"Run directory: {self.trainer.log_dir}", *lines]))
 
 
+def default_configs(run: bool) -> dict:
+    """configs/defaults.yaml under every subcommand (or the one parser of ``run=False``)."""
+    defaults = {"default_config_files": [str(DEFAULTS)]}
+    return {command: defaults for command in LightningCLI.subcommands()} if run else defaults
+
+
 def main(args: list[str] | None = None, run: bool = True) -> TemplateCLI:
     try:
         return TemplateCLI(
@@ -212,6 +247,7 @@ def main(args: list[str] | None = None, run: bool = True) -> TemplateCLI:
             auto_configure_optimizers=False,
             save_config_callback=RunRecord,  # config.yaml + run_info.yaml (+ the config to W&B)
             save_config_kwargs={"overwrite": True},
+            parser_kwargs=default_configs(run),
             args=args,
             run=run,
         )

@@ -22,7 +22,9 @@ from lightning_modules import MLPClassifier
 ROOT = Path(__file__).resolve().parents[1]
 # Snippets appended to an experiment's config, W&B sweeps and results presets are not experiments themselves.
 SNIPPETS = {"logger", "sweeps", "trainer", "results"}
-EXPERIMENTS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not SNIPPETS & set(p.parts))
+EXPERIMENTS = sorted(
+    p for p in (ROOT / "configs").rglob("*.yaml") if not SNIPPETS & set(p.parts) and p.name != "defaults.yaml"
+)
 MNIST_TOPICS = sorted((ROOT / "configs" / "mnist").glob("*.yaml"))
 CIFAR_BOOK = sorted(p for p in (ROOT / "configs" / "cifar10").glob("*.yaml") if not p.stem.startswith("transfer"))
 
