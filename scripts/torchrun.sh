@@ -12,7 +12,7 @@
 #
 # Lightning requires --trainer.devices x --trainer.num_nodes = the world size torchrun starts: this script passes
 # NPROC_PER_NODE and NNODES (after your arguments, so they win). Compute nodes without network: see
-# scripts/download_data.py, DATA_DIR and WANDB_MODE=offline in the README.
+# scripts/download_data.py, DATA_DIR and WANDB_MODE=offline in docs/data.md and docs/clusters.md.
 set -euo pipefail
 
 NNODES=${NNODES:-1}                       # machines taking part
