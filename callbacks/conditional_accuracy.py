@@ -20,7 +20,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
-from callbacks.checkpointing import read_checkpoint
+from lightning_modules.checkpoints import read_checkpoint
 
 __all__ = ["ConditionalAccuracy", "load_classifier"]
 

@@ -63,7 +63,7 @@ class SafeRequeue(Checkpoint):
     are logged (at the next batch, validation or epoch start, or the end of training) it raises
     :class:`JobRequeued`: this process trains and validates nothing more, and no row of ``metrics.csv`` is lost or
     logged twice. The requeued job (same command) resumes from the file exactly, with the next batch or the next
-    epoch, in the same run directory (:mod:`callbacks.runs`). Under DDP the ranks agree at each of these moments
+    epoch, in the same run directory (:mod:`lifecycle.runs`). Under DDP the ranks agree at each of these moments
     whether any of them got the signal (one all-reduce of a flag), so all save and stop together. Outside SLURM,
     or where a handler for the signal exists already, the callback does nothing. SLURM's warning time
     (``--signal=SIGUSR1@90``) must cover the rest of a batch, or of an epoch's last batch plus its validation.

@@ -29,8 +29,8 @@ def synchronize() -> None:
 def as_without_lightning() -> Iterator[None]:
     """Run a reference loop as in a process that never imported Lightning: Lightning's import switches
     ``torch.cuda.is_available()`` to an NVML probe that a GPU-less machine repeats at every optimiser step
-    (:func:`~callbacks.speedups.use_runtime_cuda_check_without_gpu`), a cost plain PyTorch does not pay."""
-    from callbacks.speedups import NVML_CUDA_CHECK, use_runtime_cuda_check_without_gpu
+    (:func:`~lifecycle.speedups.use_runtime_cuda_check_without_gpu`), a cost plain PyTorch does not pay."""
+    from lifecycle.speedups import NVML_CUDA_CHECK, use_runtime_cuda_check_without_gpu
 
     previous = os.environ.get(NVML_CUDA_CHECK)
     use_runtime_cuda_check_without_gpu()

@@ -39,9 +39,9 @@ def load_split(data_dir: Path, val_size: int) -> tuple[Tensor, ...]:
 
 def book_mlp(template_kernels: bool = False) -> nn.Module:
     """The book MLP in plain ``torch.nn`` layers, or with ``template_kernels`` the template's own ``MLP`` with the
-    CPU dropout the CLI swaps in (:class:`~callbacks.speedups.ThresholdDropout`, faster on the CPU)."""
+    CPU dropout the CLI swaps in (:class:`~lifecycle.speedups.ThresholdDropout`, faster on the CPU)."""
     if template_kernels:
-        from callbacks.speedups import use_threshold_dropout
+        from lifecycle.speedups import use_threshold_dropout
         from lightning_modules.mlp import MLP
 
         model = MLP(784, (256, 256), 10, dropout=0.45, act="relu")

@@ -19,7 +19,7 @@ speed between process launches no longer lands on one pipeline only.
 - ``plain``: a hand-written loop over pre-normalised float tensors already in memory, with PyTorch's defaults
   (``nn.Dropout``, ``torch.optim.Adam``): the floor a researcher writes.
 - ``plain_template_kernels``: the same loop with the two kernels the template picks, its CPU dropout
-  (``callbacks.speedups.ThresholdDropout``) and fused Adam: against it, the template's ratio is the cost of Lightning
+  (``lifecycle.speedups.ThresholdDropout``) and fused Adam: against it, the template's ratio is the cost of Lightning
   and of the template's logging, metrics and callbacks alone.
 - ``lightning_minimal``: the same model, data and validation in a minimal LightningModule run by a bare
   ``Trainer`` (no metric objects, logging, callbacks or checkpoints): Lightning's own per-step cost.
@@ -88,7 +88,7 @@ def run_pipeline(
     a process without Lightning would have it (:func:`bench_common.as_without_lightning`), the template switches it
     itself when training starts (on a GPU-less machine), the minimal module keeps it.
     """
-    from callbacks.speedups import NVML_CUDA_CHECK
+    from lifecycle.speedups import NVML_CUDA_CHECK
 
     os.environ[NVML_CUDA_CHECK] = "1"
     if suite == "cifar":

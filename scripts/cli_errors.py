@@ -25,8 +25,8 @@ import torch
 from jsonargparse import ArgumentParser
 from pytorch_lightning.cli import LightningArgumentParser
 
-from callbacks.checkpointing import DiskFullError, exception_chain, is_disk_full
 from callbacks.slurm import JobRequeued
+from lifecycle.checkpoint_io import DiskFullError, exception_chain, is_disk_full
 
 __all__ = ["TRACEBACK_ENV", "ConfigError", "TemplateParser", "describe", "run_command"]
 

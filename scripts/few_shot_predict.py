@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from callbacks.checkpointing import read_checkpoint
 from datamodules.omniglot import load_image
+from lightning_modules.checkpoints import read_checkpoint
 from lightning_modules.few_shot import FewShotModule, NearestNeighbourBaseline, ProtoNet
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}

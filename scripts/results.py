@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cli_errors import describe
 
-from callbacks.checkpointing import read_checkpoint
+from lightning_modules.checkpoints import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- results:start -->", "<!-- results:end -->"

@@ -7,7 +7,7 @@
 
 Besides LightningCLI's own behaviour this CLI:
 - gives each run one directory (``<save_dir>/<name>/version_N``) shared by its loggers, holds it with a lock, and
-  deletes it again if the command fails before writing a checkpoint (``callbacks/runs.py``);
+  deletes it again if the command fails before writing a checkpoint (``lifecycle/runs.py``);
 - resolves ``--ckpt_path best|last`` to the best or last checkpoint of the newest earlier run of the experiment,
   checks a checkpoint against the config before anything is written, and makes ``fit --ckpt_path last`` (and a
   requeued SLURM job) continue the interrupted run's directory, metrics.csv and W&B run;
@@ -36,13 +36,15 @@ from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.utilities import rank_zero_info
 
 from callbacks.batch_scaling import batch_size_summary
-from callbacks.checkpointing import LastCheckpoint, install_fault_tolerance, read_checkpoint
+from callbacks.checkpointing import LastCheckpoint
 from callbacks.curves import SmoothedCurves
 from callbacks.guards import FiniteLossGuard
 from callbacks.predictions import PredictionWriter
-from callbacks.profiler import NullProfiler
-from callbacks.run_record import RunRecord
-from callbacks.runs import Run, check_model, find_checkpoint, name_loggers, open_run
+from lifecycle.checkpoint_io import install_fault_tolerance
+from lifecycle.run_record import RunRecord
+from lifecycle.runs import Run, check_model, find_checkpoint, name_loggers, open_run
+from lifecycle.speedups import CPUSpeedups, NullProfiler
+from lightning_modules.checkpoints import read_checkpoint
 
 # The in-memory datamodules batch by tensor slicing: worker processes would only add overhead. The modules
 # log epoch aggregates, so Lightning's advice about the per-step logging interval does not apply either.
@@ -52,7 +54,7 @@ warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)` is depr
 # A resumed fit writes into its run's existing checkpoints/ folder, as intended.
 warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")
 # The CLI creates each run directory (and writes config.yaml) before the CSV logger starts; metrics.csv is the
-# only file that logger deletes, and callbacks.runs.ContinueMetrics carries a continued run's over.
+# only file that logger deletes, and lifecycle.runs.ContinueMetrics carries a continued run's over.
 warnings.filterwarnings("ignore", "Experiment logs directory .* exists and is not empty")
 
 
@@ -72,7 +74,7 @@ class TemplateCLI(LightningCLI):
     """LightningCLI with one owner for each run's directory, checked checkpoints and the end-of-run summary."""
 
     def __init__(self, *args, **kwargs) -> None:
-        self.run = Run()  # the run directory this command holds (callbacks/runs.py)
+        self.run = Run()  # the run directory this command holds (lifecycle/runs.py)
         self._ckpt_path: str | None = None
         self._checkpoint: tuple[Path, dict] | None = None  # the path and the callback states of the checkpoint
         self._undo: list = []
@@ -183,7 +185,8 @@ class TemplateCLI(LightningCLI):
         kwargs["callbacks"] = [*given, *(c for c in named if c is not None)]
         trainer = super().instantiate_trainer(**kwargs)
         install_fault_tolerance(trainer)  # atomic checkpoint writes, RNG states, an always-fresh last.ckpt
-        extra = {"fit": [FiniteLossGuard()], "predict": [PredictionWriter()]}.get(self.subcommand, [])
+        # CPUSpeedups: the CPU dropout kernel and torch's cached CUDA check, undone when the run ends (speedups.py).
+        extra = [CPUSpeedups(), *{"fit": [FiniteLossGuard()], "predict": [PredictionWriter()]}.get(self.subcommand, [])]
         trainer.callbacks.extend([c for c in extra if not any(type(o) is type(c) for o in trainer.callbacks)])
         trainer.callbacks.extend(self.run.callbacks)  # a continued run's metrics.csv
         return trainer

@@ -36,10 +36,10 @@ from pytorch_lightning import LightningModule
 from torch import Tensor
 
 from callbacks.activations import ActivationMaps
-from callbacks.checkpointing import CheckpointError, read_checkpoint
 from callbacks.filters import filter_patterns, pattern_grid
 from callbacks.gradcam import activated, class_probabilities, grad_cam, last_conv, overlay_figure, resolve_module
 from callbacks.images import to_rgb_array
+from lightning_modules.checkpoints import CheckpointError, read_checkpoint
 
 
 class VisualizeError(RuntimeError):

@@ -16,7 +16,7 @@ import yaml
 from cli_errors import ConfigError, run_command
 from train import main
 
-from callbacks.runs import RunError
+from lifecycle.runs import RunError
 from lightning_modules import MLPClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -271,7 +271,7 @@ def test_speed_switches(mnist_dir):
 def test_no_profiler_by_default_and_a_requested_one_is_kept():
     from pytorch_lightning.profilers import SimpleProfiler
 
-    from callbacks import NullProfiler
+    from lifecycle.speedups import NullProfiler
 
     cli = main(["-c", str(ROOT / "configs/mnist/mlp.yaml")], run=False)
     profiler = cli.trainer.profiler

@@ -19,28 +19,17 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DistributedSampler
 
-from callbacks.checkpointing import (
-    UNSAFE_LOAD_OPT_IN,
-    AtomicCheckpointIO,
-    CheckpointError,
-    DiskFullError,
-    read_checkpoint,
-)
-from datamodules.base import InMemoryImageDataset, ResumableDataLoader, ResumableSampler, collate_batch
+from datamodules.base import InMemoryImageDataset
+from datamodules.loaders import ResumableDataLoader, ResumableSampler, collate_batch
+from lifecycle.checkpoint_io import AtomicCheckpointIO, DiskFullError
+from lightning_modules.checkpoints import UNSAFE_LOAD_OPT_IN, CheckpointError, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "scripts" / "train.py"
 MLP = ROOT / "configs" / "mnist" / "mlp.yaml"
-# The shipped MLP config's checkpointing, with last.ckpt refreshed every 4 steps instead of 200.
+# The shipped MLP config's checkpointing, with last.ckpt also refreshed every 4 steps inside an epoch.
 CHECKPOINTS_EVERY_4_STEPS = """
-trainer:
-  callbacks:
-    - class_path: pytorch_lightning.callbacks.ModelCheckpoint
-      init_args: {monitor: val/acc, mode: max, enable_version_counter: false}
-    - class_path: callbacks.LastCheckpoint
-      init_args: {every_n_train_steps: 4}
-    - class_path: pytorch_lightning.callbacks.EarlyStopping
-      init_args: {monitor: val/loss, mode: min, patience: 10}
+last_checkpoint: {init_args: {every_n_train_steps: 4}}
 """
 STEPS_PER_EPOCH = 12  # 256 generated images - 64 for validation = 192, batches of 16
 EPOCHS = 3

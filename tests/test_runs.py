@@ -1,5 +1,5 @@
 """A run's life through the CLI: fresh last.ckpt, continued metrics, checked checkpoints, the lock, cleanup, and
-SLURM requeues that continue one run directory (``callbacks/runs.py``, ``callbacks/slurm.py``).
+SLURM requeues that continue one run directory (``lifecycle/runs.py``, ``callbacks/slurm.py``).
 
 Every test runs ``scripts/train.py``'s ``main`` in this process on generated MNIST files; ``run_command`` is the
 code path of ``python scripts/train.py`` (its exit code and the one-paragraph error on stderr).
@@ -23,8 +23,8 @@ from pytorch_lightning.callbacks import Callback
 from train import main
 
 from callbacks.guards import NonFiniteLossError
-from callbacks.runs import ContinueMetrics, RunError, RunLock
 from callbacks.slurm import JobRequeued
+from lifecycle.runs import ContinueMetrics, RunError, RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP = ROOT / "configs" / "mnist" / "mlp.yaml"
@@ -67,14 +67,13 @@ def test_last_checkpoint_is_the_newest_epoch_even_when_the_metric_never_improves
     main(["fit", *mlp(mnist_dir, "--trainer.max_epochs", "4", "--model.init_args.optimizer.init_args.lr", "0")])
     last = torch.load(RUN / "checkpoints" / "last.ckpt", weights_only=True)
     assert (last["epoch"], last["global_step"]) == (3, 4 * 12)  # lr 0: val/acc never improves after epoch 0
-    assert [p.name for p in (RUN / "checkpoints").glob("epoch*.ckpt")] == ["epoch000-val_acc0.1094.ckpt"]
+    assert [p.name for p in (RUN / "checkpoints").glob("epoch*.ckpt")] == ["epoch000.ckpt"]
 
 
 def test_last_checkpoint_every_n_steps_inside_epochs(mnist_dir, monkeypatch):
     saved = []
     monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: saved.append(obj["global_step"]))
-    main(["fit", *mlp(mnist_dir, "--trainer.max_epochs", "2", "--trainer.callbacks+=callbacks.LastCheckpoint",
-                      "--trainer.callbacks.init_args.every_n_train_steps", "5")])  # fmt: skip
+    main(["fit", *mlp(mnist_dir, "--trainer.max_epochs", "2", "--last_checkpoint.init_args.every_n_train_steps", "5")])
     # Steps 5 and 10 inside epoch 0, 15 and 20 inside epoch 1, the epoch ends 12 and 24, and the best checkpoint.
     assert sorted(set(saved)) == [5, 10, 12, 15, 20, 24]
 

@@ -1,4 +1,4 @@
-"""The CLI's optional speed-ups (callbacks/speedups.py): they change how fast a run goes, never what it computes, and
+"""The CLI's optional speed-ups (lifecycle/speedups.py): they change how fast a run goes, never what it computes, and
 leave the researcher's module exactly as it was when the run ends."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import torch
 from conftest import quiet_trainer
 from torch import nn
 
-from callbacks.speedups import (
+from datamodules import DigitsDataModule
+from lifecycle.speedups import (
     NVML_CUDA_CHECK,
     CPUSpeedups,
     NullProfiler,
@@ -20,7 +21,6 @@ from callbacks.speedups import (
     use_runtime_cuda_check_without_gpu,
     use_threshold_dropout,
 )
-from datamodules import DigitsDataModule
 from lightning_modules import MLPClassifier
 
 

@@ -9,7 +9,7 @@ import wandb
 import yaml
 from train import main
 
-from callbacks.run_record import git_info, wandb_run_id
+from lifecycle.run_record import git_info, wandb_run_id
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP = str(ROOT / "configs/mnist/mlp.yaml")

@@ -17,13 +17,13 @@ from visualize import main as visualize_main
 from visualize import normalization
 
 from callbacks.activations import ActivationMaps
-from callbacks.checkpointing import read_checkpoint
 from callbacks.filters import FilterPatterns, filter_patterns, pattern_grid
 from callbacks.gradcam import GradCAM, activated, grad_cam, last_conv, overlay_figure
 from callbacks.images import to_rgb_array
 from datamodules import DigitsDataModule
 from datamodules.digits import digits_as_mnist
 from lightning_modules import CNNClassifier
+from lightning_modules.checkpoints import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -34,10 +34,12 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
-from callbacks.checkpointing import ResumeState, read_checkpoint, remove_partial_saves
-from callbacks.run_lock import RunError, RunLock
-from callbacks.run_record import RUN_INFO, wandb_run_id
+from callbacks.checkpointing import ResumeState
 from callbacks.slurm import JobRequeued, hpc_checkpoint
+from lifecycle.checkpoint_io import remove_partial_saves
+from lifecycle.run_lock import RunError, RunLock
+from lifecycle.run_record import RUN_INFO, wandb_run_id
+from lightning_modules.checkpoints import read_checkpoint
 
 __all__ = [
     "ContinueMetrics",

@@ -4,7 +4,7 @@
 appends one entry per launch (first start and every resume) to ``<run dir>/run_info.yaml`` (time, command
 line, git commit and whether the tree was dirty, package versions, devices, the checkpoint resumed from) and
 logs the resolved config once to Weights & Biases, whose run id it records so that a resumed run continues the
-same W&B run (:func:`wandb_run_id`, read by :mod:`callbacks.runs`).
+same W&B run (:func:`wandb_run_id`, read by :mod:`lifecycle.runs`).
 """
 
 from __future__ import annotations
