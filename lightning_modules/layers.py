@@ -1,6 +1,6 @@
 """Building blocks shared by the topic modules: activations by name, Keras initialisers and layers, locked dropout.
 
-Everything here is plain PyTorch; the CPU speed tricks the CLI applies live in ``callbacks/speedups.py``.
+Everything here is plain PyTorch; the CPU speed tricks the CLI applies live in ``lifecycle/speedups.py``.
 """
 
 from __future__ import annotations
@@ -112,11 +112,6 @@ def keras_init_(module: nn.Module) -> nn.Module:
                         param[m.hidden_size : 2 * m.hidden_size] = 1.0  # gate order i, f, g, o
     warn_uncovered(module, (*KERNEL_LAYERS, nn.RNNBase), "keras_init_")
     return module
-
-
-Dropout = nn.Dropout
-"""Plain ``nn.Dropout``, kept for imports written when this file had a CPU dropout kernel (now
-:class:`callbacks.speedups.ThresholdDropout`, which the CLI swaps in on the CPU); new code uses ``nn.Dropout``."""
 
 
 class LockedDropout(nn.Module):

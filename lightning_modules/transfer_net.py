@@ -15,8 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_modules.layers import Dropout
-
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "InputAdapter", "TransferNet", "dense_head", "feature_map_shape"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -67,7 +65,7 @@ def dense_head(in_features: int, units: Sequence[int], dropout: float, out_featu
     """[Dense -> ReLU -> Dropout] per hidden width -> Dense (the book: Dense 256 ReLU -> Dropout .5 -> Dense)."""
     layers: list[nn.Module] = []
     for width in units:
-        layers += [nn.Linear(in_features, width), nn.ReLU(), Dropout(dropout)]
+        layers += [nn.Linear(in_features, width), nn.ReLU(), nn.Dropout(dropout)]
         in_features = width
     return nn.Sequential(*layers, nn.Linear(in_features, out_features))
 

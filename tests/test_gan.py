@@ -220,6 +220,7 @@ def test_cgan_config_logs_conditional_accuracy_and_predict_writes_a_grid(judge, 
     common = ["-c", str(ROOT / "configs/mnist/cgan.yaml"), "--data.init_args.data_dir", str(data),
               "--data.init_args.val_size", "64", "--trainer.enable_progress_bar", "false"]  # fmt: skip
     fit = main(["fit", *common, "--trainer.max_steps", "4", "--trainer.limit_train_batches", "2",
+                "--trainer.callbacks+=callbacks.generative.ConditionalAccuracy",
                 "--trainer.callbacks.classifier_ckpt", str(path), "--trainer.callbacks.num_samples", "50"])  # fmt: skip
     run = Path(fit.trainer.log_dir)
     assert 0.0 <= fit.trainer.callback_metrics["gen/cond_acc"] <= 1.0
