@@ -21,6 +21,8 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from compat import uses_distributed_sampler
+
 if TYPE_CHECKING:
     from datamodules.base import InMemoryImageDataset
 
@@ -226,9 +228,8 @@ def trainer_shard(trainer: pl.Trainer | None) -> tuple[int, int]:
     With ``Trainer(use_distributed_sampler=False)`` every rank gets the whole epoch, as Lightning would do.
     """
     kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
-    # Trainer(use_distributed_sampler=...) has no public getter in Lightning 2.x: Lightning's own data connector
-    # reads this same attribute (``distributed_sampler_kwargs`` answers for the strategy, not for the flag).
-    if not kwargs or not trainer._accelerator_connector.use_distributed_sampler:
+    # ``distributed_sampler_kwargs`` answers for the strategy, not for the flag, which has no public getter.
+    if not kwargs or not uses_distributed_sampler(trainer):
         return 1, 0
     return kwargs["num_replicas"], kwargs["rank"]
 

@@ -14,8 +14,8 @@ run_info.yaml, metrics.csv, events, checkpoints/, pictures). ``scripts/train.py`
    that failed before it wrote a checkpoint, so that no empty ``version_N`` is left for ``best``/``last``.
 
 Only global rank zero creates, locks and deletes; every other rank leaves the loggers as they are (they write
-nothing). Lightning's CSV writer has no public way to start from existing rows: :class:`ContinueMetrics` is the
-one place that touches its ``metrics``/``metrics_keys`` (``tests/test_runs.py`` fails if that changes).
+nothing). Lightning's CSV writer has no public way to start from existing rows: :class:`ContinueMetrics` does it
+through :mod:`compat` (``tests/test_compat.py`` fails if Lightning changes the writer).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zer
 
 from callbacks.checkpointing import ResumeState
 from callbacks.slurm import JobRequeued, hpc_checkpoint
+from compat import csv_rows, set_csv_rows
 from lifecycle.checkpoint_io import remove_partial_saves
 from lifecycle.run_lock import RunError, RunLock
 from lifecycle.run_record import RUN_INFO, wandb_run_id
@@ -359,10 +360,9 @@ class ContinueMetrics(Callback):
             return
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*exists and is not empty.*")  # its note that it deletes the file
-            writer = logger.experiment
-        writer.metrics_keys = sorted(set().union(*self.rows) | set(writer.metrics_keys))
-        writer.metrics = [*self.rows, *writer.metrics]
-        writer.save()
+            rows, keys = csv_rows(logger)
+        set_csv_rows(logger, [*self.rows, *rows], sorted(set().union(*self.rows) | set(keys)))
+        logger.save()
         self._seeded = True
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -379,7 +379,7 @@ class ContinueMetrics(Callback):
             return
         temporary = self.path.with_name(f".{self.path.name}.tmp")
         with temporary.open("w", newline="") as file:
-            table = csv.DictWriter(file, fieldnames=logger.experiment.metrics_keys)
+            table = csv.DictWriter(file, fieldnames=csv_rows(logger)[1])
             table.writeheader()
             table.writerows(kept + new)
         os.replace(temporary, self.path)

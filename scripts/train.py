@@ -78,6 +78,7 @@ class TemplateCLI(LightningCLI):
         self._ckpt_path: str | None = None
         self._checkpoint: tuple[Path, dict] | None = None  # the path and the callback states of the checkpoint
         self._undo: list = []
+        self._compiled = False
         try:
             super().__init__(*args, parser_class=TemplateParser, **kwargs)
         except BaseException as error:
@@ -184,11 +185,11 @@ class TemplateCLI(LightningCLI):
         given = config.get("trainer", {}).get("callbacks") or []
         kwargs["callbacks"] = [*given, *(c for c in named if c is not None)]
         trainer = super().instantiate_trainer(**kwargs)
-        install_fault_tolerance(trainer)  # atomic checkpoint writes, RNG states, an always-fresh last.ckpt
         # CPUSpeedups: the CPU dropout kernel and torch's cached CUDA check, undone when the run ends (speedups.py).
         extra = [CPUSpeedups(), *{"fit": [FiniteLossGuard()], "predict": [PredictionWriter()]}.get(self.subcommand, [])]
         trainer.callbacks.extend([c for c in extra if not any(type(o) is type(c) for o in trainer.callbacks)])
         trainer.callbacks.extend(self.run.callbacks)  # a continued run's metrics.csv
+        install_fault_tolerance(trainer)  # atomic writes, RNG states, and last.ckpt saved after everything else
         return trainer
 
     def _speed_switches(self) -> None:
@@ -198,9 +199,10 @@ class TemplateCLI(LightningCLI):
         hparams = getattr(self.datamodule, "hparams", {})
         if hparams.get("channels_last"):  # weights in the layout the batches come in: no per-conv conversion
             self.model.to(memory_format=torch.channels_last)
-        if cfg.get("compile") and not isinstance(self.model, torch._dynamo.eval_frame.OptimizedModule):
+        if cfg.get("compile") and not self._compiled:  # once per command (fit, then test_after_fit)
             # Lightning unwraps the compiled module for checkpoints: their keys stay those of the plain model.
             self.model = torch.compile(self.model, backend=cfg.get("compile_backend") or "inductor")
+            self._compiled = True
 
     def before_fit(self) -> None:
         # Every process runs this; rank zero prints, e.g. "per-device batch 128 x devices 4 x nodes 2 = ...".

@@ -24,7 +24,7 @@ from train import main
 
 from callbacks.guards import NonFiniteLossError
 from callbacks.slurm import JobRequeued
-from lifecycle.runs import ContinueMetrics, RunError, RunLock
+from lifecycle.runs import RunError, RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP = ROOT / "configs" / "mnist" / "mlp.yaml"
@@ -99,18 +99,6 @@ def test_resume_inside_an_epoch_logs_that_epoch_once(mnist_dir):
     main(["fit", *mlp(mnist_dir, "--trainer.max_epochs", "4", "--ckpt_path", "last")])
     assert kinds(rows(RUN)) == [(e, k) for e in range(4) for k in ("val", "train")]
     assert torch.load(RUN / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 48
-
-
-def test_continue_metrics_uses_the_csv_writer_as_this_lightning_has_it(tmp_path):
-    """ContinueMetrics sets the CSV writer's ``metrics``/``metrics_keys`` (no public API): fail loudly if they go."""
-    from pytorch_lightning.loggers import CSVLogger
-
-    writer = CSVLogger(tmp_path, name="x", version=0).experiment
-    assert isinstance(writer.metrics, list) and isinstance(writer.metrics_keys, list)
-    writer.metrics_keys, writer.metrics = ["a", "epoch", "step"], [{"epoch": "0", "step": "3", "a": "1.5"}]
-    writer.save()
-    assert (tmp_path / "x" / "version_0" / "metrics.csv").read_text().splitlines() == ["a,epoch,step", "1.5,0,3"]
-    assert ContinueMetrics(tmp_path / "x" / "version_0", None).rows == [{"epoch": "0", "step": "3", "a": "1.5"}]
 
 
 # ---- 3. a non-finite loss stops the run ------------------------------------------------------------------------
