@@ -124,6 +124,13 @@ class TemplateCLI(LightningCLI):
             default="high",
             help="torch.set_float32_matmul_precision: 'high' lets float32 matmuls/convs use TF32 on Ampere+ GPUs.",
         )
+        parser.add_argument(
+            "--cpu_speedups",
+            type=bool,
+            default=True,
+            help="On a CPU run, swap in a faster dropout kernel and torch's cached CUDA check for the run "
+            "(lifecycle/speedups.py); false: PyTorch exactly as the module builds it.",
+        )
         # cuDNN picks the fastest conv algorithms for the (fixed) input shapes; no effect on a CPU.
         parser.set_defaults({"trainer.benchmark": True})
 
@@ -186,7 +193,8 @@ class TemplateCLI(LightningCLI):
         kwargs["callbacks"] = [*given, *(c for c in named if c is not None)]
         trainer = super().instantiate_trainer(**kwargs)
         # CPUSpeedups: the CPU dropout kernel and torch's cached CUDA check, undone when the run ends (speedups.py).
-        extra = [CPUSpeedups(), *{"fit": [FiniteLossGuard()], "predict": [PredictionWriter()]}.get(self.subcommand, [])]
+        speedups = [CPUSpeedups()] if config.get("cpu_speedups", True) else []
+        extra = [*speedups, *{"fit": [FiniteLossGuard()], "predict": [PredictionWriter()]}.get(self.subcommand, [])]
         trainer.callbacks.extend([c for c in extra if not any(type(o) is type(c) for o in trainer.callbacks)])
         trainer.callbacks.extend(self.run.callbacks)  # a continued run's metrics.csv
         install_fault_tolerance(trainer)  # atomic writes, RNG states, and last.ckpt saved after everything else

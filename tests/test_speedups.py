@@ -139,3 +139,16 @@ def test_null_profiler_hands_out_one_no_op_context_and_fits(tmp_path):
     before = model.net[1].weight.detach().clone()
     _trainer(tmp_path, limit_train_batches=2, profiler=profiler).fit(model, DigitsDataModule(batch_size=16))
     assert not torch.equal(before, model.net[1].weight)
+
+
+def test_the_cli_applies_the_speedups_unless_told_not_to(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from train import main
+
+    monkeypatch.chdir(tmp_path)
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+    with_them = main(["-c", config], run=False).trainer.callbacks
+    without = main(["-c", config, "--cpu_speedups", "false"], run=False).trainer.callbacks
+    assert [type(c) for c in with_them if isinstance(c, CPUSpeedups)] == [CPUSpeedups]
+    assert not any(isinstance(c, CPUSpeedups) for c in without)
