@@ -6,13 +6,16 @@
     python scripts/train.py fit -c configs/mnist/cnn.yaml --print_config
 
 Besides LightningCLI's own behaviour this CLI:
+- reads ``configs/defaults.yaml`` under every command (loggers, and the shared callbacks under their own keys:
+  ``checkpoint``, ``early_stopping``, ``curves``, ``last_checkpoint``); ``experiment`` names the run directory;
 - gives each run one directory (``<save_dir>/<name>/version_N``) shared by its loggers, holds it with a lock, and
   deletes it again if the command fails before writing a checkpoint (``lifecycle/runs.py``);
 - resolves ``--ckpt_path best|last`` to the best or last checkpoint of the newest earlier run of the experiment,
   checks a checkpoint against the config before anything is written, and makes ``fit --ckpt_path last`` (and a
   requeued SLURM job) continue the interrupted run's directory, metrics.csv and W&B run;
 - keeps ``last.ckpt`` fresh, writes checkpoints atomically with the RNG state an exact resume needs, and stops a
-  run whose loss turns NaN (``callbacks/checkpointing.py``, ``callbacks/guards.py``);
+  run whose loss turns NaN (``lifecycle/checkpoint_io.py``, ``callbacks/checkpointing.py``, ``callbacks/guards.py``);
+- on a CPU, swaps in a faster dropout kernel for the run unless ``--cpu_speedups false`` (``lifecycle/speedups.py``);
 - ``--test_after_fit true`` evaluates the best checkpoint on the test split right after ``fit``; ``predict``
   prints its scores and writes them to the run directory (``callbacks/predictions.py``);
 - prints a short summary (run directory, best checkpoint, test metrics) at the end, and any error as one
