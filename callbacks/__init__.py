@@ -1,8 +1,7 @@
 """Callbacks of the template: learning-rate control, smoothed curves, trend-based stopping, convnet visualisation
 (activation maps, filter patterns, Grad-CAM), confusion matrices, generative-model pictures and scores, image
-logging, fine-tuning a pretrained base, ``last.ckpt`` and exact resumes, SLURM requeues, a guard against NaN losses,
-and the predictions table. A run's directory, lock, checkpoint writes and CPU speed-ups are the CLI's
-(``lifecycle/``).
+logging, ``last.ckpt`` and exact resumes, SLURM requeues, a guard against NaN losses, and the predictions table.
+A run's directory, lock, checkpoint writes and CPU speed-ups are the CLI's (``lifecycle/``).
 
 Every callback is safe under DDP: files and images are written by global rank zero only.
 """
@@ -14,7 +13,6 @@ from callbacks.conditional_accuracy import ConditionalAccuracy
 from callbacks.confusion import ConfusionMatrix
 from callbacks.curves import SmoothedCurves
 from callbacks.filters import FilterPatterns, filter_patterns
-from callbacks.fine_tuning import TransferFinetuning
 from callbacks.generative import GANSamples, LatentSpace, PredictionGrid, ReconstructionGrid
 from callbacks.gradcam import GradCAM, grad_cam
 from callbacks.guards import FiniteLossGuard
@@ -43,7 +41,6 @@ __all__ = [
     "ResumeState",
     "SafeRequeue",
     "SmoothedCurves",
-    "TransferFinetuning",
     "TrendDivergenceStopping",
     "filter_patterns",
     "grad_cam",

@@ -15,8 +15,8 @@ are specific to the old classes), put a new dense head on top, and train in one 
 3. ``finetune``: as 2 for the first ``unfreeze_at_epoch`` epochs; then the last ``unfreeze_blocks`` blocks of the
    base are unfrozen and join the optimiser as a new param group with ``finetune_lr_factor`` x the head's lr (the
    notes: train the head first, then unfreeze the more specialised deeper layers and train them jointly, gently).
-   Done by :class:`~callbacks.fine_tuning.TransferFinetuning`, a Lightning ``BaseFinetuning`` callback the module
-   adds itself.
+   Done by :class:`~lightning_modules.fine_tuning.TransferFinetuning`, a Lightning ``BaseFinetuning`` callback the
+   module adds itself.
 
 Frozen parts of the base always run in eval mode, so their BatchNorm layers neither update nor use batch statistics.
 Under DDP, blocks unfrozen after DDP wrapped the model are ignored by its gradient reducer; the module averages their
@@ -57,9 +57,9 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 from torchvision.models import WeightsEnum
 
-from callbacks.fine_tuning import TransferFinetuning, add_param_group
 from lightning_modules.backbones import BATCH_NORM, build_base, group_blocks, truncate_base
 from lightning_modules.base import SupervisedModule, warn_if_narrow
+from lightning_modules.fine_tuning import TransferFinetuning, add_param_group
 from lightning_modules.layers import keras_init_
 from lightning_modules.pretrained import download_weights, load_into_base, read_weights, resolve_weights
 from lightning_modules.transfer_net import InputAdapter, TransferNet, dense_head, feature_map_shape

@@ -15,8 +15,8 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 from train import main
 
-from callbacks.fine_tuning import TransferFinetuning
 from lightning_modules.backbones import BATCH_NORM
+from lightning_modules.fine_tuning import TransferFinetuning
 from lightning_modules.pretrained import PretrainedWeightsError, cached_weight_file
 from lightning_modules.transfer import TransferClassifier, average_across_processes_
 
