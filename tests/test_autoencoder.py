@@ -118,7 +118,15 @@ def test_reconstruction_loss_falls(mnist_dir, tmp_path):
 def test_classifier_autoencoder_optimises_mse_plus_ce_and_logs_accuracy(mnist_dir, tmp_path):
     torch.manual_seed(0)
     datamodule = MNISTDataModule(data_dir=str(mnist_dir), val_size=64, batch_size=64)
-    model = AutoEncoder(block="bn_pool", filters=(8, 16), classifier_hidden=(32,), classifier_dropout=0.0)
+    # The book recipe's settings, as configs/mnist/autoencoder_classifier.yaml has them.
+    model = AutoEncoder(
+        block="bn_pool",
+        filters=(8, 16),
+        classifier_hidden=(32,),
+        classifier_dropout=0.0,
+        init="keras",
+        batch_norm="keras",
+    )
     trainer = quiet_trainer(tmp_path, max_epochs=3)
     trainer.fit(model, datamodule=datamodule)
     metrics = trainer.callback_metrics
