@@ -248,7 +248,7 @@ class IMDBDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: TokenDataset, train: bool) -> DataLoader:
         """The image datamodules' loader recipe (:func:`~datamodules.base.slicing_loader`): batches cut by slicing,
-        and for training a :class:`~datamodules.base.ResumableSampler` (DDP shards, mid-epoch resume)."""
+        and for training a :class:`~datamodules.loaders.ResumableSampler` (DDP shards, mid-epoch resume)."""
         batch_size = self.hparams.batch_size if train else self.hparams.eval_batch_size or self.hparams.batch_size
         return slicing_loader(
             dataset,
