@@ -81,7 +81,15 @@ def wandb_run_id(run_dir: Path) -> str | None:
 
 
 class RunRecord(SaveConfigCallback):
-    """LightningCLI's config saving, plus ``run_info.yaml`` and the config sent to W&B (global rank zero only)."""
+    """LightningCLI's config saving, plus ``run_info.yaml`` and the config sent to W&B (global rank zero only).
+
+    ``extra``: top-level entries written into ``run_info.yaml`` as given, e.g. ``{"sweep": {"trial": 3, ...}}``
+    from ``scripts/sweep.py`` (``main(..., run_info=...)`` in ``scripts/train.py``).
+    """
+
+    def __init__(self, *args: Any, extra: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.extra = dict(extra or {})
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         run_dir = _run_dir(trainer)  # not trainer.log_dir: a collective, it hangs DDP when called on rank 0 only
@@ -104,5 +112,6 @@ class RunRecord(SaveConfigCallback):
                 config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
                 run.config.update(config, allow_val_change=True)  # the resolved config, once per launch
                 record["wandb"] = {"id": run.id, "project": run.project, "url": getattr(run, "url", None)}
+        record.update(self.extra)
         run_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(record, sort_keys=False))

@@ -76,8 +76,9 @@ NAMED_CALLBACKS: dict[str, type[Callback]] = {
 class TemplateCLI(LightningCLI):
     """LightningCLI with one owner for each run's directory, checked checkpoints and the end-of-run summary."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, extra_callbacks: list[Callback] | None = None, **kwargs) -> None:
         self.run = Run()  # the run directory this command holds (lifecycle/runs.py)
+        self._extra_callbacks = list(extra_callbacks or [])  # main(callbacks=...)
         self._ckpt_path: str | None = None
         self._checkpoint: tuple[Path, dict] | None = None  # the path and the callback states of the checkpoint
         self._undo: list = []
@@ -199,6 +200,7 @@ class TemplateCLI(LightningCLI):
         speedups = [CPUSpeedups()] if config.get("cpu_speedups", True) else []
         extra = [*speedups, *{"fit": [FiniteLossGuard()], "predict": [PredictionWriter()]}.get(self.subcommand, [])]
         trainer.callbacks.extend([c for c in extra if not any(type(o) is type(c) for o in trainer.callbacks)])
+        trainer.callbacks.extend(self._extra_callbacks)  # main(callbacks=...): e.g. a sweep trial's reporter
         trainer.callbacks.extend(self.run.callbacks)  # a continued run's metrics.csv
         install_fault_tolerance(trainer)  # atomic writes, RNG states, and last.ckpt saved after everything else
         return trainer
@@ -253,7 +255,14 @@ def default_configs(run: bool) -> dict:
     return {command: defaults for command in LightningCLI.subcommands()} if run else defaults
 
 
-def main(args: list[str] | None = None, run: bool = True) -> TemplateCLI:
+def main(
+    args: list[str] | None = None,
+    run: bool = True,
+    callbacks: list[Callback] | None = None,
+    run_info: dict | None = None,
+) -> TemplateCLI:
+    """The CLI on ``args``. ``callbacks`` are added to the trainer and ``run_info`` to the run's ``run_info.yaml``
+    (objects a YAML cannot hold, e.g. ``scripts/sweep.py``'s trial reporter, and its trial number and parameters)."""
     try:
         return TemplateCLI(
             LightningModule,
@@ -262,7 +271,8 @@ def main(args: list[str] | None = None, run: bool = True) -> TemplateCLI:
             subclass_mode_data=True,
             auto_configure_optimizers=False,
             save_config_callback=RunRecord,  # config.yaml + run_info.yaml (+ the config to W&B)
-            save_config_kwargs={"overwrite": True},
+            save_config_kwargs={"overwrite": True, "extra": run_info},
+            extra_callbacks=callbacks,
             parser_kwargs=default_configs(run),
             args=args,
             run=run,
