@@ -563,6 +563,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--study-name", default=None, help="default: the YAML's study_name, else <file>_sweep")
     parser.add_argument("--summary", action="store_true", help="print the table and best line, write the plots")
     parser.add_argument("--no-plots", action="store_true", help="with --summary: the table only")
+    parser.add_argument("--check", action="store_true", help="run the checks and the dry run, start no trial")
     parser.add_argument("--skip-dry-run", action="store_true", help="skip the one-batch check run")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # a started worker process
     return parser.parse_known_args(argv)
@@ -594,6 +595,9 @@ def main(argv: list[str] | None = None) -> str | None:
         load_study(spec, storage, create=False)  # a study of another sweep file is refused here
     if not options.skip_dry_run:
         dry_run(spec, extra)
+    if options.check:
+        print(f"sweep {options.sweep}: checks passed (study {spec['study_name']!r}, storage {spec['_storage']}).")
+        return None
     load_study(spec, storage, create=True)
     started = time.time()
     if options.workers == 1:
