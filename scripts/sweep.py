@@ -16,7 +16,7 @@ W&B run in the group named after the study.
   when there are GPUs; a SLURM array runs one worker per task. The budget (``--n-trials``) counts the study's
   finished (complete or pruned) trials, so workers joining later or requeued ones only do what is left.
 - Faults: each running trial writes a heartbeat; a trial whose worker died (SIGKILL, preemption) is marked FAIL
-  after ``grace`` seconds by any live worker and re-enqueued with the same parameters (RetryFailedTrialCallback).
+  after ``grace`` seconds by any live worker and re-enqueued with the same parameters (Optuna's retry callback).
 - Pruning: :class:`TrialReporter` reports the metric after every validation epoch (global rank zero) and stops
   the run when the pruner says so (the decision is broadcast to every rank); the trial ends PRUNED.
 - Before any trial starts: the sweep file is checked, the storage opened (a study written by another sweep file
@@ -243,20 +243,21 @@ def _journal_with_heartbeat():
 def open_storage(url: str, heartbeat: dict[str, Any]) -> Any:
     """A journal file (a path, or ``journal:///path``) or an RDB URL, with heartbeat and retries."""
     import optuna
-    from optuna.storages import RetryFailedTrialCallback
     from optuna.storages.journal import JournalFileBackend
 
     interval, grace = int(heartbeat["interval"]), int(heartbeat["grace"])
     if grace <= interval:
         raise ConfigError(f"heartbeat: grace ({grace} s) must exceed interval ({interval} s).")
-    retry = RetryFailedTrialCallback(max_retry=heartbeat.get("max_retry"))
+    retry = retry_callback_class()(max_retry=heartbeat.get("max_retry"))
     if "://" in url and not url.startswith("journal://"):
         try:
             with optuna.logging.warnings.catch_warnings():
                 optuna.logging.warnings.simplefilter("ignore")
-                return optuna.storages.RDBStorage(
-                    url, heartbeat_interval=interval, grace_period=grace, heartbeat_stale_trial_callback=retry
-                )
+                beat = {"heartbeat_interval": interval, "grace_period": grace}
+                try:  # Optuna >= 4.9 names the callback so; earlier versions failed_trial_callback
+                    return optuna.storages.RDBStorage(url, **beat, heartbeat_stale_trial_callback=retry)
+                except TypeError:
+                    return optuna.storages.RDBStorage(url, **beat, failed_trial_callback=retry)
         except Exception as error:
             raise ConfigError(
                 f"Storage {url} is unreachable: {' '.join(str(error).split())[:300]}. Check the URL, that the "
@@ -269,6 +270,14 @@ def open_storage(url: str, heartbeat: dict[str, Any]) -> Any:
     except OSError as error:
         raise ConfigError(f"Storage file {path} cannot be written: {error}.") from None
     return _journal_with_heartbeat()(backend, interval, grace, retry)
+
+
+def retry_callback_class() -> type:
+    """Optuna's callback that re-enqueues a stale trial (renamed in Optuna 4.9)."""
+    import optuna
+
+    storages = optuna.storages
+    return getattr(storages, "RetryHeartbeatStaleTrialCallback", None) or storages.RetryFailedTrialCallback
 
 
 def storage_url(spec: dict[str, Any], given: str | None) -> str:
@@ -378,7 +387,6 @@ def dry_run(spec: dict[str, Any], extra: list[str]) -> None:
 
 def objective_for(spec: dict[str, Any], extra: list[str]):
     import optuna
-    from optuna.storages import RetryFailedTrialCallback
     from train import main as train_main
 
     def objective(trial: optuna.Trial) -> float:
@@ -390,7 +398,7 @@ def objective_for(spec: dict[str, Any], extra: list[str]):
                 "storage": spec["_storage"],
                 "trial": trial.number,
                 "params": params,
-                "retry_of": RetryFailedTrialCallback.retried_trial_number(
+                "retry_of": retry_callback_class().retried_trial_number(
                     trial.study._storage.get_trial(trial._trial_id)
                 ),
             }
@@ -456,6 +464,8 @@ def start_workers(config: str, spec: dict[str, Any], n_trials: int, workers: int
         env = dict(os.environ, WANDB_RUN_GROUP=spec["study_name"])
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+        else:  # CPU trials: share the cores instead of each worker's torch using all of them
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
         cmd = [sys.executable, str(Path(__file__).resolve()), config, "--worker", str(i)]
         cmd += ["--n-trials", str(n_trials), "--storage", spec["_storage"], "--study-name", spec["study_name"]]
         procs.append(subprocess.Popen([*cmd, *extra], env=env))

@@ -109,7 +109,7 @@ def test_a_killed_workers_trial_fails_and_is_retried(tmp_path, mnist_dir):
     failed, retried = load().get_trials()
     assert (failed.state, retried.state) == (TrialState.FAIL, TrialState.COMPLETE)
     assert retried.params == failed.params
-    assert optuna.storages.RetryFailedTrialCallback.retried_trial_number(retried) == failed.number
+    assert sweep.retry_callback_class().retried_trial_number(retried) == failed.number
 
 
 def _trials():
