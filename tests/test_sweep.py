@@ -145,3 +145,13 @@ def test_a_study_of_another_sweep_is_refused(tmp_path, mnist_dir):
     path = write_sweep(tmp_path)
     with pytest.raises(ConfigError, match="made by another sweep"):
         sweep.main([str(path), "--n-trials", "1", "--data.init_args.data_dir", str(mnist_dir), *TINY])
+
+
+def test_the_folds_of_a_cross_validation_are_a_grid_of_trials(tmp_path, mnist_dir):
+    grid = {"data.init_args.fold": {"type": "int", "low": 0, "high": 2}}
+    path = write_sweep(tmp_path, sampler={"type": "grid"}, args=["--data.init_args.num_folds", "3"], parameters=grid)
+    tiny = [*TINY, "--trainer.max_epochs", "1"]
+    sweep.main([str(path), "--n-trials", "10", "--skip-dry-run", "--data.init_args.data_dir", str(mnist_dir), *tiny])
+    trials = load().get_trials()  # the budget stops at the grid's size: each fold once
+    assert sorted(t.params["data.init_args.fold"] for t in trials) == [0, 1, 2]
+    assert all(t.state == TrialState.COMPLETE for t in trials)
