@@ -243,7 +243,7 @@ def _journal_with_heartbeat():
 def open_storage(url: str, heartbeat: dict[str, Any]) -> Any:
     """A journal file (a path, or ``journal:///path``) or an RDB URL, with heartbeat and retries."""
     import optuna
-    from optuna.storages.journal import JournalFileBackend
+    from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
     interval, grace = int(heartbeat["interval"]), int(heartbeat["grace"])
     if grace <= interval:
@@ -266,7 +266,11 @@ def open_storage(url: str, heartbeat: dict[str, Any]) -> Any:
     path = Path(url.removeprefix("journal://"))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        backend = JournalFileBackend(str(path))
+        # An absolute path: Optuna's lock is a symlink to the journal, and a relative one dangles, which makes its
+        # stale-lock check spin forever when a killed worker left the lock behind. A lock older than the heartbeat
+        # grace (at most 30 s, Optuna's default) is a dead worker's and is broken.
+        target = str(path.resolve())
+        backend = JournalFileBackend(target, lock_obj=JournalFileSymlinkLock(target, grace_period=min(30, grace)))
     except OSError as error:
         raise ConfigError(f"Storage file {path} cannot be written: {error}.") from None
     return _journal_with_heartbeat()(backend, interval, grace, retry)

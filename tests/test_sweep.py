@@ -155,3 +155,14 @@ def test_the_folds_of_a_cross_validation_are_a_grid_of_trials(tmp_path, mnist_di
     trials = load().get_trials()  # the budget stops at the grid's size: each fold once
     assert sorted(t.params["data.init_args.fold"] for t in trials) == [0, 1, 2]
     assert all(t.state == TrialState.COMPLETE for t in trials)
+
+
+def test_a_journal_lock_left_by_a_killed_worker_is_broken(tmp_path):
+    journal = tmp_path / "runs/sweeps/tiny/study.journal"
+    storage = sweep.open_storage(str(journal), {"interval": 1, "grace": 3})
+    os.symlink(journal.resolve(), f"{journal.resolve()}.lock")  # what a worker killed inside the lock leaves
+    spec = sweep.load_spec(write_sweep(tmp_path))
+    spec["_storage"] = str(journal)
+    start = time.time()
+    sweep.load_study(spec, storage, create=True)  # waits out the grace period, then breaks the lock
+    assert 2 < time.time() - start < 15
