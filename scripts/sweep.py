@@ -53,7 +53,6 @@ from sweep_spec import (
 )
 from sweep_summary import summary
 
-ROOT = Path(__file__).resolve().parents[1]
 warnings.filterwarnings("ignore", ".*LightningCLI's args parameter is intended.*")
 warnings.filterwarnings("ignore", ".*is experimental.*")  # Optuna's heartbeat, retry callback, journal API
 
