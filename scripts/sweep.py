@@ -12,9 +12,10 @@ W&B run in the group named after the study.
 
 - Storage: Optuna's JournalStorage on a file (``runs/sweeps/<study>/study.journal`` unless the YAML or
   ``--storage`` says otherwise): no database server, works on a shared filesystem; any RDB URL works too.
-- Workers: ``--workers N`` starts N processes sharing the study, each pinned to one GPU (``CUDA_VISIBLE_DEVICES``)
-  when there are GPUs; a SLURM array runs one worker per task. The budget (``--n-trials``) counts the study's
-  finished (complete or pruned) trials, so workers joining later or requeued ones only do what is left.
+- Workers: ``--workers N`` starts N processes sharing the study, each pinned to its GPUs (``CUDA_VISIBLE_DEVICES``)
+  when there are GPUs: one, or ``devices_per_trial`` for DDP trials (run in a child process per trial); a SLURM
+  array runs one worker per task. The budget (``--n-trials``) counts the study's finished (complete or pruned)
+  trials, so workers joining later or requeued ones only do what is left.
 - Faults: each running trial writes a heartbeat; a trial whose worker died (SIGKILL, preemption) is marked FAIL
   after ``grace`` seconds by any live worker and re-enqueued with the same parameters (Optuna's retry callback).
 - Pruning: :class:`TrialReporter` reports the metric after every validation epoch (global rank zero) and stops
@@ -27,12 +28,12 @@ W&B run in the group named after the study.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -42,137 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cli_errors import ConfigError, run_command
-from sweep_spec import (
-    _cli_value,
-    fingerprint,
-    grid_space,
-    load_spec,
-    make_pruner,
-    make_sampler,
-    suggest,
-)
+from sweep_spec import _cli_value, grid_space, load_spec, make_pruner, make_sampler, suggest
+from sweep_storage import load_study, open_storage, retry_callback_class, storage_url, study_exists
 from sweep_summary import summary
 
 warnings.filterwarnings("ignore", ".*LightningCLI's args parameter is intended.*")
 warnings.filterwarnings("ignore", ".*is experimental.*")  # Optuna's heartbeat, retry callback, journal API
-
-
-# ---- storage ------------------------------------------------------------------------------------------------
-def _journal_with_heartbeat():
-    """JournalStorage with Optuna's heartbeat protocol (Optuna implements it for RDB storages only): the
-    heartbeat is a trial system attribute holding the time, and a RUNNING trial whose heartbeat is older than the
-    grace period is stale (any live worker fails it and runs the retry callback)."""
-    from optuna.storages._heartbeat import BaseHeartbeat
-    from optuna.storages.journal import JournalStorage
-    from optuna.trial import TrialState
-
-    class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
-        def __init__(self, backend, interval: int, grace: int, callback) -> None:
-            super().__init__(backend)
-            self._interval, self._grace, self._callback = interval, grace, callback
-
-        def record_heartbeat(self, trial_id: int) -> None:
-            with contextlib.suppress(Exception):  # the trial may just have finished
-                self.set_trial_system_attr(trial_id, "heartbeat", time.time())
-
-        def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-            now = time.time()
-            stale = []
-            for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-                beat = trial.system_attrs.get("heartbeat")
-                start = trial.datetime_start.timestamp() if trial.datetime_start else now
-                if now - (beat if beat is not None else start) > self._grace:
-                    stale.append(trial._trial_id)
-            return stale
-
-        def get_heartbeat_interval(self) -> int | None:
-            return self._interval
-
-        def get_heartbeat_stale_trial_callback(self):
-            return self._callback
-
-    return HeartbeatJournalStorage
-
-
-def open_storage(url: str, heartbeat: dict[str, Any]) -> Any:
-    """A journal file (a path, or ``journal:///path``) or an RDB URL, with heartbeat and retries."""
-    import optuna
-    from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
-
-    interval, grace = int(heartbeat["interval"]), int(heartbeat["grace"])
-    if grace <= interval:
-        raise ConfigError(f"heartbeat: grace ({grace} s) must exceed interval ({interval} s).")
-    retry = retry_callback_class()(max_retry=heartbeat.get("max_retry"))
-    if "://" in url and not url.startswith("journal://"):
-        try:
-            with optuna.logging.warnings.catch_warnings():
-                optuna.logging.warnings.simplefilter("ignore")
-                beat = {"heartbeat_interval": interval, "grace_period": grace}
-                try:  # Optuna >= 4.9 names the callback so; earlier versions failed_trial_callback
-                    return optuna.storages.RDBStorage(url, **beat, heartbeat_stale_trial_callback=retry)
-                except TypeError:
-                    return optuna.storages.RDBStorage(url, **beat, failed_trial_callback=retry)
-        except Exception as error:
-            raise ConfigError(
-                f"Storage {url} is unreachable: {' '.join(str(error).split())[:300]}. Check the URL, that the "
-                "database server runs and its driver is installed, or leave `storage` out for a journal file."
-            ) from None
-    path = Path(url.removeprefix("journal://"))
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # An absolute path: Optuna's lock is a symlink to the journal, and a relative one dangles, which makes its
-        # stale-lock check spin forever when a killed worker left the lock behind. A lock older than the heartbeat
-        # grace (at most 30 s, Optuna's default) is a dead worker's and is broken.
-        target = str(path.resolve())
-        backend = JournalFileBackend(target, lock_obj=JournalFileSymlinkLock(target, grace_period=min(30, grace)))
-    except OSError as error:
-        raise ConfigError(f"Storage file {path} cannot be written: {error}.") from None
-    return _journal_with_heartbeat()(backend, interval, grace, retry)
-
-
-def retry_callback_class() -> type:
-    """Optuna's callback that re-enqueues a stale trial (renamed in Optuna 4.9)."""
-    import optuna
-
-    storages = optuna.storages
-    return getattr(storages, "RetryHeartbeatStaleTrialCallback", None) or storages.RetryFailedTrialCallback
-
-
-def storage_url(spec: dict[str, Any], given: str | None) -> str:
-    return given or spec.get("storage") or str(Path("runs") / "sweeps" / spec["study_name"] / "study.journal")
-
-
-def load_study(spec: dict[str, Any], storage: Any, create: bool, worker: int = 0) -> Any:
-    """The sweep's study; refuses one made from another sweep file (another search space, metric, configs)."""
-    import optuna
-
-    name = spec["study_name"]
-    exists = name in [s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)]
-    if not exists and not create:
-        raise ConfigError(f"No study {name!r} in storage {spec['_storage']}: run the sweep first.")
-    study = optuna.create_study(
-        study_name=name,
-        storage=storage,
-        direction=spec["direction"],
-        sampler=make_sampler(spec, worker),
-        pruner=make_pruner(spec),
-        load_if_exists=True,
-    )
-    mine = fingerprint(spec)
-    theirs = study.user_attrs.get("sweep_fingerprint")
-    if theirs is None and create:
-        study.set_user_attr("sweep_fingerprint", mine)
-        study.set_user_attr("sweep_spec", json.loads(json.dumps(_public(spec), default=str)))
-    elif theirs is not None and theirs != mine:
-        raise ConfigError(
-            f"Study {name!r} in {spec['_storage']} was made by another sweep (other configs, metric or search "
-            f"space: {study.user_attrs.get('sweep_spec')}). Give this sweep its own study_name or --storage."
-        )
-    return study
-
-
-def _public(spec: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in spec.items() if not k.startswith("_")}
 
 
 # ---- trials -------------------------------------------------------------------------------------------------
@@ -216,6 +92,8 @@ def train_args(spec: dict[str, Any], params: dict[str, Any], extra: list[str]) -
     args = ["fit"]
     for config in spec["config"]:
         args += ["-c", config]
+    if spec["devices_per_trial"] > 1:  # before the sweep's args and overrides, which may choose another strategy
+        args += ["--trainer.devices", str(spec["devices_per_trial"]), "--trainer.strategy", "ddp"]
     args += spec["args"]
     for key, value in params.items():
         args += [f"--{key}", _cli_value(value)]
@@ -243,37 +121,68 @@ def dry_run(spec: dict[str, Any], extra: list[str]) -> None:
         )
 
 
-def objective_for(spec: dict[str, Any], extra: list[str]):
-    import optuna
+def run_trial(spec: dict[str, Any], trial: Any, extra: list[str]) -> tuple[dict[str, Any], Any]:
+    """One trial as an ordinary fit (``train.main`` in this process); returns its result and the CLI."""
     from train import main as train_main
 
+    params = suggest(trial, spec["parameters"])  # a trial that holds them already gets the same values back
+    reporter = _reporter_class()(trial, spec["metric"])
+    retry_of = retry_callback_class().retried_trial_number(trial.study._storage.get_trial(trial._trial_id))
+    info = {"sweep": {"study": spec["study_name"], "storage": spec["_storage"], "trial": trial.number}}
+    info["sweep"] |= {"params": params, "retry_of": retry_of}
+    cli = train_main(train_args(spec, params, extra), callbacks=[reporter], run_info=info)
+    result = {"run_dir": str(cli.trainer.log_dir), "values": reporter.values, "pruned": reporter.pruned}
+    return result, cli
+
+
+def run_trial_in_processes(spec: dict[str, Any], trial: Any, extra: list[str]) -> dict[str, Any]:
+    """A DDP trial: ``sweep.py --run-trial`` in a child process, whose ranks Lightning's launcher starts (it re-runs
+    the child's command line per rank, which would start new trials if it were this worker's). Rank zero reports to
+    the trial through the storage and writes the result; this worker keeps the trial's heartbeat."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), spec["_path"], "--storage", spec["_storage"]]
+        cmd += ["--study-name", spec["study_name"], "--run-trial", str(trial._trial_id), "--result", str(result)]
+        env = dict(os.environ)
+        if "SLURM_NTASKS" in env:  # one SLURM task per worker: Lightning's launcher, not srun, starts the ranks
+            env["SLURM_JOB_NAME"] = "interactive"  # how Lightning's SLURMEnvironment is told so
+        code = subprocess.run([*cmd, *extra], env=env).returncode
+        if code or not result.is_file():
+            raise RuntimeError(f"the trial's process exited with code {code} (its output is above)")
+        return json.loads(result.read_text())
+
+
+def objective_for(spec: dict[str, Any], extra: list[str]):
+    import optuna
+
     def objective(trial: optuna.Trial) -> float:
-        params = suggest(trial, spec["parameters"])
-        reporter = _reporter_class()(trial, spec["metric"])
-        info = {
-            "sweep": {
-                "study": spec["study_name"],
-                "storage": spec["_storage"],
-                "trial": trial.number,
-                "params": params,
-                "retry_of": retry_callback_class().retried_trial_number(
-                    trial.study._storage.get_trial(trial._trial_id)
-                ),
-            }
-        }
+        suggest(trial, spec["parameters"])
         start = time.time()
-        cli = train_main(train_args(spec, params, extra), callbacks=[reporter], run_info=info)
-        trial.set_user_attr("run_dir", str(cli.trainer.log_dir))
-        trial.set_user_attr("epochs", len(reporter.values))
+        if spec["devices_per_trial"] > 1:
+            result = run_trial_in_processes(spec, trial, extra)
+        else:
+            result = run_trial(spec, trial, extra)[0]
+        values = result["values"]
+        trial.set_user_attr("run_dir", result["run_dir"])
+        trial.set_user_attr("epochs", len(values))
         trial.set_user_attr("wall_s", round(time.time() - start, 1))
-        if not reporter.values:
+        if not values:
             raise RuntimeError(f"the run logged no {spec['metric']} (did it validate?)")
-        if reporter.pruned:
-            raise optuna.TrialPruned(f"pruned after {len(reporter.values)} epochs")
-        pick = max if spec["direction"] == "maximize" else min
-        return pick(reporter.values)
+        if result["pruned"]:
+            raise optuna.TrialPruned(f"pruned after {len(values)} epochs")
+        return max(values) if spec["direction"] == "maximize" else min(values)
 
     return objective
+
+
+def trial_process(spec: dict[str, Any], trial_id: int, result: str | None, extra: list[str]) -> None:
+    """``--run-trial``: every rank of a DDP trial runs this; global rank zero writes the result for the worker."""
+    import optuna
+
+    study = load_study(spec, open_storage(spec["_storage"], spec["heartbeat"]), create=False)
+    outcome, cli = run_trial(spec, optuna.Trial(study, trial_id), extra)
+    if result and cli.trainer.is_global_zero:
+        Path(result).write_text(json.dumps(outcome))
 
 
 def run_worker(spec: dict[str, Any], n_trials: int, extra: list[str], worker: int = 0) -> int:
@@ -312,18 +221,25 @@ def run_worker(spec: dict[str, Any], n_trials: int, extra: list[str], worker: in
 
 
 def start_workers(config: str, spec: dict[str, Any], n_trials: int, workers: int, extra: list[str]) -> None:
-    """``workers`` processes of this script (``--worker i``), one GPU each when there are GPUs."""
+    """``workers`` processes of this script (``--worker i``), each pinned to its own ``devices_per_trial`` GPUs
+    when there are GPUs."""
     import torch
 
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     gpus = [g for g in visible.split(",") if g] if visible else [str(i) for i in range(torch.cuda.device_count())]
+    per = spec["devices_per_trial"]
+    if gpus and len(gpus) < workers * per:
+        raise ConfigError(
+            f"{workers} workers x devices_per_trial {per} need {workers * per} GPUs; this machine shows {len(gpus)}. "
+            "Start fewer workers (--workers) or lower devices_per_trial."
+        )
     procs = []
     for i in range(workers):
         env = dict(os.environ, WANDB_RUN_GROUP=spec["study_name"])
         if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
-        else:  # CPU trials: share the cores instead of each worker's torch using all of them
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[i * per : (i + 1) * per])
+        else:  # CPU trials: share the cores instead of each process's torch using all of them
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (workers * per))))
         cmd = [sys.executable, str(Path(__file__).resolve()), config, "--worker", str(i)]
         cmd += ["--n-trials", str(n_trials), "--storage", spec["_storage"], "--study-name", spec["study_name"]]
         procs.append(subprocess.Popen([*cmd, *extra], env=env))
@@ -345,6 +261,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--check", action="store_true", help="run the checks and the dry run, start no trial")
     parser.add_argument("--skip-dry-run", action="store_true", help="skip the one-batch check run")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # a started worker process
+    parser.add_argument("--run-trial", type=int, default=None, help=argparse.SUPPRESS)  # a DDP trial's process
+    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)  # where --run-trial writes its result
     return parser.parse_known_args(argv)
 
 
@@ -357,6 +275,10 @@ def main(argv: list[str] | None = None) -> str | None:
     if options.study_name:
         spec["study_name"] = options.study_name
     spec["_storage"] = storage_url(spec, options.storage)
+    spec["_path"] = str(Path(options.sweep).resolve())
+    if options.run_trial is not None:  # every rank of a DDP trial (run_trial_in_processes)
+        trial_process(spec, options.run_trial, options.result, extra)
+        return None
     n_trials = options.n_trials if options.n_trials is not None else int(spec["n_trials"])
     if options.worker is not None:  # a process started by start_workers (or by hand / by SLURM)
         run_worker(spec, n_trials, extra, options.worker)
@@ -370,7 +292,7 @@ def main(argv: list[str] | None = None) -> str | None:
         raise ConfigError("--n-trials and --workers must be at least 1.")
     make_sampler(spec)  # their options, checked
     make_pruner(spec)
-    if _exists(spec, storage):
+    if study_exists(spec, storage):
         load_study(spec, storage, create=False)  # a study of another sweep file is refused here
     if not options.skip_dry_run:
         dry_run(spec, extra)
@@ -387,13 +309,6 @@ def main(argv: list[str] | None = None) -> str | None:
     text = summary(spec, load_study(spec, storage, create=False), plots=True)
     print(f"{text}\nsweep wall time: {time.time() - started:.0f} s")
     return text
-
-
-def _exists(spec: dict[str, Any], storage: Any) -> bool:
-    import optuna
-
-    names = [s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)]
-    return spec["study_name"] in names
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def load_spec(path: str | Path) -> dict[str, Any]:
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: a sweep file is a mapping (config, metric, direction, parameters, ...).")
     known = {"config", "args", "study_name", "storage", "metric", "direction", "n_trials", "sampler", "pruner"}
-    known |= {"heartbeat", "parameters"}
+    known |= {"heartbeat", "parameters", "devices_per_trial"}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown}; a sweep file has {sorted(known)}.")
@@ -60,6 +60,11 @@ def load_spec(path: str | Path) -> dict[str, Any]:
     spec.setdefault("study_name", f"{path.stem}_sweep")
     spec.setdefault("n_trials", 10)
     spec["heartbeat"] = {**DEFAULT_HEARTBEAT, **(spec.get("heartbeat") or {})}
+    devices = spec.setdefault("devices_per_trial", 1)
+    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
+        raise ConfigError(
+            f"{path}: devices_per_trial (the devices of one DDP trial) must be an integer >= 1, not {devices!r}."
+        )
     parameters = spec.get("parameters")
     if not isinstance(parameters, dict) or not parameters:
         raise ConfigError(f"{path}: `parameters` (the search space, LightningCLI keys) is missing or empty.")

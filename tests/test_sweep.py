@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,8 @@ import sweep
 import yaml
 from cli_errors import ConfigError
 from optuna.trial import TrialState
+from sweep_spec import load_spec
+from sweep_storage import load_study, open_storage, retry_callback_class
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2", "--data.init_args.val_size", "64"]
@@ -48,7 +51,7 @@ def write_sweep(tmp_path: Path, **changes) -> Path:
 
 
 def load(storage: str = "runs/sweeps/tiny/study.journal") -> optuna.Study:
-    return optuna.load_study(study_name="tiny", storage=sweep.open_storage(storage, {"interval": 1, "grace": 3}))
+    return optuna.load_study(study_name="tiny", storage=open_storage(storage, {"interval": 1, "grace": 3}))
 
 
 def test_two_workers_share_one_study(tmp_path, mnist_dir):
@@ -86,30 +89,51 @@ def test_a_trial_is_pruned(tmp_path, mnist_dir):
     assert (tmp_path / trial.user_attrs["run_dir"] / "checkpoints" / "last.ckpt").is_file()  # an ordinary run
 
 
-def test_a_killed_workers_trial_fails_and_is_retried(tmp_path, mnist_dir):
+def test_a_worker_killed_beside_a_live_one_leaves_a_sound_journal_and_its_trial_is_retried(tmp_path, mnist_dir):
+    """Two workers write the journal at once; one is SIGKILLed mid-trial. The live one finishes its own trial, fails
+    the dead one's after the heartbeat grace and runs it again with the same parameters."""
     path = write_sweep(tmp_path)
-    slow = ["--trainer.max_epochs", "50", "--trainer.limit_train_batches", "2", "--data.init_args.val_size", "64"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "scripts")]))
-    cmd = [sys.executable, str(ROOT / "scripts/sweep.py"), str(path), "--worker", "0", "--n-trials", "1"]
-    worker = subprocess.Popen(
-        [*cmd, "--data.init_args.data_dir", str(mnist_dir), *slow], env=env, stderr=subprocess.DEVNULL
-    )
-    journal = tmp_path / "runs/sweeps/tiny/study.journal"
-    deadline = time.time() + 60
-    while time.time() < deadline:  # until its trial has started
-        if journal.is_file() and any(t.state == TrialState.RUNNING for t in _trials()):
-            break
-        time.sleep(0.5)
+    cmd = [sys.executable, str(ROOT / "scripts/sweep.py"), str(path), "--n-trials", "2"]
+    slow = ["--trainer.max_epochs", "50", "--trainer.limit_train_batches", "2", "--data.init_args.val_size", "64"]
+    data = ["--data.init_args.data_dir", str(mnist_dir)]
+    doomed = subprocess.Popen([*cmd, "--worker", "0", *data, *slow], env=env, stderr=subprocess.DEVNULL)
+    wait_for(lambda: [t.state for t in _trials()] == [TrialState.RUNNING])
+    live = subprocess.Popen([*cmd, "--worker", "1", *data, *TINY], env=env, stderr=subprocess.DEVNULL)
+    wait_for(lambda: len(_trials()) == 2)  # both workers are in the journal now
     time.sleep(1)
-    worker.send_signal(signal.SIGKILL)
-    worker.wait()
-    assert [t.state for t in _trials()] == [TrialState.RUNNING]  # until its heartbeat is older than the grace
-    # Another worker fails the stale trial after the grace period and runs its copy (same parameters).
-    sweep.main([str(path), "--worker", "1", "--n-trials", "1", "--data.init_args.data_dir", str(mnist_dir), *TINY])
-    failed, retried = load().get_trials()
-    assert (failed.state, retried.state) == (TrialState.FAIL, TrialState.COMPLETE)
-    assert retried.params == failed.params
-    assert sweep.retry_callback_class().retried_trial_number(retried) == failed.number
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait()
+    assert live.wait(timeout=120) == 0
+    killed, finished, retried = load().get_trials()
+    assert (killed.state, finished.state, retried.state) == (TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE)
+    assert retried.params == killed.params
+    assert retry_callback_class().retried_trial_number(retried) == killed.number
+    assert finished.user_attrs["run_dir"] != retried.user_attrs["run_dir"]  # no trial ran twice in one directory
+    lines = (tmp_path / "runs/sweeps/tiny/study.journal").read_bytes().splitlines(keepends=True)
+    assert all(line.endswith(b"\n") and json.loads(line) for line in lines)  # whole JSON records, nothing torn
+
+
+def test_a_ddp_trial_runs_its_ranks_and_is_pruned_on_all_of_them(tmp_path, mnist_dir, capfd):
+    """devices_per_trial 2: the trial's two CPU ranks (gloo) start in a child process; rank zero reports, and the
+    pruner's decision stops both ranks (a rank left running would hang the run)."""
+    path = write_sweep(tmp_path, devices_per_trial=2, pruner={"type": "threshold", "lower": 2.0})
+    data = ["--data.init_args.data_dir", str(mnist_dir), "--trainer.accelerator", "cpu"]
+    sweep.main([str(path), "--n-trials", "1", "--skip-dry-run", *data, *TINY])
+    (trial,) = load().get_trials()
+    assert trial.state == TrialState.PRUNED and list(trial.intermediate_values) == [0]
+    assert "x devices 2 x nodes 1" in "".join(capfd.readouterr())  # what rank zero's fit says
+    config = yaml.safe_load((tmp_path / trial.user_attrs["run_dir"] / "config.yaml").read_text())
+    assert (str(config["trainer"]["devices"]), config["trainer"]["strategy"]) == ("2", "ddp")
+    record = yaml.safe_load((tmp_path / trial.user_attrs["run_dir"] / "run_info.yaml").read_text())
+    assert record["sweep"]["trial"] == trial.number
+
+
+def wait_for(condition, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.3)
 
 
 def _trials():
@@ -138,10 +162,10 @@ def test_bad_input_is_one_clear_error_before_any_trial(tmp_path, mnist_dir, chan
 
 def test_a_study_of_another_sweep_is_refused(tmp_path, mnist_dir):
     journal = tmp_path / "runs/sweeps/tiny/study.journal"
-    storage = sweep.open_storage(str(journal), {"interval": 1, "grace": 3})
-    other = sweep.load_spec(write_sweep(tmp_path, metric="val/loss", direction="minimize"))
+    storage = open_storage(str(journal), {"interval": 1, "grace": 3})
+    other = load_spec(write_sweep(tmp_path, metric="val/loss", direction="minimize"))
     other["_storage"] = str(journal)
-    sweep.load_study(other, storage, create=True)
+    load_study(other, storage, create=True)
     path = write_sweep(tmp_path)
     with pytest.raises(ConfigError, match="made by another sweep"):
         sweep.main([str(path), "--n-trials", "1", "--data.init_args.data_dir", str(mnist_dir), *TINY])
@@ -159,10 +183,10 @@ def test_the_folds_of_a_cross_validation_are_a_grid_of_trials(tmp_path, mnist_di
 
 def test_a_journal_lock_left_by_a_killed_worker_is_broken(tmp_path):
     journal = tmp_path / "runs/sweeps/tiny/study.journal"
-    storage = sweep.open_storage(str(journal), {"interval": 1, "grace": 3})
+    storage = open_storage(str(journal), {"interval": 1, "grace": 3})
     os.symlink(journal.resolve(), f"{journal.resolve()}.lock")  # what a worker killed inside the lock leaves
-    spec = sweep.load_spec(write_sweep(tmp_path))
+    spec = load_spec(write_sweep(tmp_path))
     spec["_storage"] = str(journal)
     start = time.time()
-    sweep.load_study(spec, storage, create=True)  # waits out the grace period, then breaks the lock
+    load_study(spec, storage, create=True)  # waits out the grace period, then breaks the lock
     assert 2 < time.time() - start < 15
