@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install env quickstart test test-all lint format clean
+.PHONY: install env quickstart test test-all lint format gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ lint: env
 format: env
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# On a GPU machine: every config under bf16 + compile + channels_last, benchmarks, the CIFAR-10 fast recipe, DDP.
+gpu-check: env
+	PYTHON=$(BIN)/python bash scripts/gpu_check.sh
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache .ruff_cache

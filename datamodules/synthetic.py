@@ -195,3 +195,20 @@ def zip_omniglot_tree(tree: Path, archive: Path) -> Path:
         for path in sorted(tree.rglob("*.png")):
             zf.write(path, path.relative_to(tree.parent).as_posix())
     return archive
+
+
+def write_image_folder(
+    root: Path, splits: dict[str, int], size: tuple[int, int] = (20, 24), classes=("cats", "dogs", "owls")
+) -> Path:
+    """``root/<split>/<class>/NNN.{jpg,png}``: class ``i`` images have mean brightness ~ 60 + 60 i."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, per_class in splits.items():
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = np.clip(rng.normal(60 + 60 * label, 5, (*size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:03d}.{'png' if i % 2 else 'jpg'}")
+    return root

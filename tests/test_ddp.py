@@ -38,6 +38,9 @@ EPOCHS = 3
 WEIGHT_ATOL = 1e-5  # correct DDP: ~1e-8; the faults above: >= 3e-3
 REQUEUE_EPOCHS = 20  # long enough to be signalled after the first epoch, short to resume
 SGD = json.dumps({"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}})
+# scripts/gpu_check.py sets "gpu" on a machine with 2+ GPUs: the same comparisons on NCCL, in full float32.
+ACCELERATOR = os.environ.get("DDP_TEST_ACCELERATOR", "cpu")
+PRECISION = ["--float32_matmul_precision", "highest"] if ACCELERATOR == "gpu" else []
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -53,10 +56,10 @@ def experiment(data_dir: Path, *extra: str) -> list[str]:
     return ["fit", "-c", str(MLP), "--data.init_args.data_dir", str(data_dir),
             "--data.init_args.val_size", str(VAL_SIZE), "--model.init_args.dropout", "0",
             "--model.init_args.optimizer", SGD, "--trainer.max_epochs", str(EPOCHS),
-            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+            "--trainer.accelerator", ACCELERATOR, "--trainer.enable_progress_bar", "false",
             "--trainer.callbacks+=callbacks.GlobalBatchSize",
             "--trainer.callbacks.global_batch_size", str(GLOBAL_BATCH),
-            *extra]  # fmt: skip
+            *PRECISION, *extra]  # fmt: skip
 
 
 def run_dir(cwd: Path) -> Path:

@@ -13,22 +13,14 @@ from train import main
 from datamodules import CorruptDataError, DataNotFoundError, ImageFolderDataModule
 from datamodules.augment import SampleAugment
 from datamodules.base import AugmentedDataset
+from datamodules.synthetic import write_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["cats", "dogs", "owls"]
 
 
 def write_tree(root: Path, splits: dict[str, int], size: tuple[int, int] = (20, 24), classes=CLASSES) -> Path:
-    """``root/<split>/<class>/NNN.{jpg,png}``: class ``i`` images have mean brightness ~ 60 + 60 i."""
-    rng = np.random.default_rng(0)
-    for split, per_class in splits.items():
-        for label, name in enumerate(classes):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                pixels = np.clip(rng.normal(60 + 60 * label, 5, (*size, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i:03d}.{'png' if i % 2 else 'jpg'}")
-    return root
+    return write_image_folder(root, splits, size, classes)
 
 
 def test_classes_labels_and_resize(tmp_path):
