@@ -1,20 +1,24 @@
 """IMDB movie-review sentiment (Large Movie Review Dataset v1.0, Maas et al. 2011) from its official layout.
 
 ``<data_dir>/aclImdb/{train,test}/{pos,neg}/<id>_<rating>.txt``: 25,000 training and 25,000 test reviews, half
-positive. Three representations (``representation``):
+positive. Four representations (``representation``):
 
 - ``multi_hot``: a ``(num_words,)`` 0/1 vector per review (the book's multi-hot MLP input);
 - ``sequence``: the word indices of a review, padded and truncated at the FRONT to ``maxlen`` (Keras 'pre':
   the last ``maxlen`` words stay), for Embedding + RNN/Conv1D models;
 - ``sentence_embedding``: one vector per review from a frozen pretrained sentence encoder (all-MiniLM-L6-v2,
-  the optional extra ``[text]``; see :mod:`datamodules.sentence`), computed once and cached like the tokens.
+  the optional extra ``[text]``; see :mod:`datamodules.sentence`), computed once and cached like the tokens;
+- ``ngrams``: the review's word n-grams (``ngram_range``) as a bag of indices into the ``max_ngrams`` index space
+  (zero-padded ``(B, L)`` rows per batch, for ``nn.EmbeddingBag``; see :mod:`datamodules.ngrams`), for linear
+  models such as :class:`~lightning_modules.ngram.NGramClassifier`.
 
-The vocabulary (top ``num_words`` words) is counted on the training part of the training split only (the
-validation reviews carved from it do not vote), applied unchanged to validation, test and new sentences, saved
-in every checkpoint (``state_dict``) and as ``vocab.json`` in the run directory, so ``test``/``predict`` from a
-checkpoint encode exactly as training did. The files, the tokenised corpus and its on-disk cache are
-:class:`~datamodules.imdb_corpus.IMDBCorpus`: ``prepare_data`` tokenises once and caches the result. Changing
-``num_words``, ``maxlen``, ``val_size``, ``fold`` or ``seed`` reuses the cache: those are applied in ``setup``.
+The vocabulary (top ``num_words`` words, or top ``max_ngrams`` n-grams) is counted on the training part of the
+training split only (the validation reviews carved from it do not vote), applied unchanged to validation, test and
+new sentences, saved in every checkpoint (``state_dict``) and as ``vocab.json`` in the run directory, so
+``test``/``predict`` from a checkpoint encode exactly as training did. The files, the tokenised corpus and its
+on-disk cache are :class:`~datamodules.imdb_corpus.IMDBCorpus`: ``prepare_data`` tokenises once and caches the
+result. Changing ``num_words``, ``maxlen``, ``ngram_range``, ``max_ngrams``, ``binary``, ``val_size``, ``fold`` or
+``seed`` reuses the cache: those are applied in ``setup``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from datamodules.imdb_corpus import (  # noqa: F401  (IMDB_URL, IMDB_MD5, SPLITS
     to_vocabulary,
 )
 from datamodules.loaders import slicing_loader
+from datamodules.ngrams import BagDataset, NGramVocabulary, pad_bags
 from datamodules.splits import check_fold, train_val_indices
 from datamodules.text import TokenDataset, Vocabulary, multi_hot, read_text_file
 
@@ -50,11 +55,16 @@ class IMDBDataModule(pl.LightningDataModule):
     Args:
         data_dir: Folder holding ``aclImdb/`` (or the ``aclImdb`` folder itself); default ``$DATA_DIR`` or
             ``./data``. ``prepare_data`` downloads and extracts the md5-checked archive when it is absent.
-        representation: ``multi_hot`` (input shape ``(num_words,)``), ``sequence`` (``(maxlen,)``) or
-            ``sentence_embedding`` (``(sentence_dim,)``; needs the ``[text]`` extra).
+        representation: ``multi_hot`` (input shape ``(num_words,)``), ``sequence`` (``(maxlen,)``),
+            ``sentence_embedding`` (``(sentence_dim,)``; needs the ``[text]`` extra) or ``ngrams``
+            (``(max_ngrams,)``: bags of n-gram indices).
         num_words: Size of the index space: index 0 pads, 1 is the out-of-vocabulary word, the
             ``num_words - 2`` most frequent training words take the rest (Keras ``num_words=10000``).
         maxlen: Sequence length for ``sequence``: longer reviews keep their LAST ``maxlen`` words.
+        ngram_range: ``[min_n, max_n]`` of the ``ngrams`` representation: ``[1, 2]`` for unigrams and bigrams.
+        max_ngrams: Size of the ``ngrams`` index space: 0 pads, 1 is every unknown n-gram, the ``max_ngrams - 2``
+            most frequent n-grams of the training reviews take the rest.
+        binary: ``ngrams``: each n-gram once per review (presence); ``False``: as often as it occurs (counts).
         lowercase: Lower-case before tokenising.
         strip_html: Remove ``<br />`` line breaks and other short HTML tags.
         remove_stop_words: Drop English stop words (scikit-learn's list) before counting, as the notes suggest
@@ -91,6 +101,9 @@ class IMDBDataModule(pl.LightningDataModule):
         representation: Representation = "multi_hot",
         num_words: int = 10000,
         maxlen: int = 500,
+        ngram_range: tuple[int, int] = (1, 2),
+        max_ngrams: int = 1_000_000,
+        binary: bool = True,
         lowercase: bool = True,
         strip_html: bool = True,
         remove_stop_words: bool = False,
@@ -110,9 +123,15 @@ class IMDBDataModule(pl.LightningDataModule):
         stratify_folds: bool = True,
     ) -> None:
         super().__init__()
-        if representation not in ("multi_hot", "sequence", "sentence_embedding"):
+        if representation not in ("multi_hot", "sequence", "sentence_embedding", "ngrams"):
             raise ValueError(
-                f"representation={representation!r}: choose 'multi_hot', 'sequence' or 'sentence_embedding'."
+                f"representation={representation!r}: choose 'multi_hot', 'sequence', 'sentence_embedding' or 'ngrams'."
+            )
+        if len(ngram_range) != 2 or not 1 <= ngram_range[0] <= ngram_range[1]:
+            raise ValueError(f"ngram_range={list(ngram_range)}: give [min_n, max_n] with 1 <= min_n <= max_n.")
+        if max_ngrams < 3:
+            raise ValueError(
+                f"max_ngrams={max_ngrams}: the index space needs padding (0), unknown (1) and >= 1 n-gram."
             )
         if num_words < 3:
             raise ValueError(f"num_words={num_words}: the index space needs padding (0), OOV (1) and >= 1 word.")
@@ -121,9 +140,8 @@ class IMDBDataModule(pl.LightningDataModule):
         check_fold(fold, num_folds)
         self.save_hyperparameters()
         self.data_dir = Path(data_dir if data_dir is not None else default_data_dir()).expanduser()
-        self.dims = {"multi_hot": (num_words,), "sequence": (maxlen,), "sentence_embedding": (sentence_dim,)}[
-            representation
-        ]
+        dims = {"multi_hot": num_words, "sequence": maxlen, "sentence_embedding": sentence_dim, "ngrams": max_ngrams}
+        self.dims = (dims[representation],)
         self.reader = IMDBCorpus(
             self.data_dir,
             lowercase=lowercase,
@@ -137,8 +155,8 @@ class IMDBDataModule(pl.LightningDataModule):
         self.corpus: dict[str, Any] | None = None
         self.train_idx: Tensor | None = None
         self.val_idx: Tensor | None = None
-        self._vocabulary: Vocabulary | None = None
-        self._encoded: dict[str, Tensor] = {}  # split -> (N, L) encoded with the current vocabulary
+        self._vocabulary: Vocabulary | NGramVocabulary | None = None
+        self._encoded: dict[str, Tensor | BagDataset] = {}  # split -> (N, L) rows or bags, with the current vocabulary
         self._vocab_written = False
         self.predict_ids: list[int] | None = None  # line numbers of predict_file's reviews, once read
 
@@ -166,6 +184,10 @@ class IMDBDataModule(pl.LightningDataModule):
     def sentences(self) -> bool:
         return self.hparams.representation == "sentence_embedding"
 
+    @property
+    def ngrams(self) -> bool:
+        return self.hparams.representation == "ngrams"
+
     def cache_path(self) -> Path:
         return self.reader.cache_path()
 
@@ -174,21 +196,33 @@ class IMDBDataModule(pl.LightningDataModule):
 
     # ---- vocabulary ----------------------------------------------------------------------------------
     @property
-    def vocabulary(self) -> Vocabulary:
-        """Top ``num_words - 2`` words of the TRAINING reviews (not validation, not test); built on first use
-        unless a checkpoint's vocabulary was loaded."""
+    def vocabulary(self) -> Vocabulary | NGramVocabulary:
+        """Top ``num_words - 2`` words (``ngrams``: top ``max_ngrams - 2`` n-grams) of the TRAINING reviews (not
+        validation, not test); built on first use unless a checkpoint's vocabulary was loaded."""
         if self.sentences:
             raise RuntimeError("representation='sentence_embedding' has no vocabulary: the encoder has its own.")
         if self._vocabulary is None:
             self._read_corpus()
             source = f"the {len(self.train_idx)} training reviews in {self.root / 'train'}"
-            self._vocabulary = build_vocabulary(self.corpus, self.train_idx, self.hparams.num_words, source)
+            if self.ngrams:
+                train, hp = self.corpus["splits"]["train"], self.hparams
+                self._vocabulary = NGramVocabulary.from_corpus(
+                    train["ids"], train["lengths"], self.corpus["words"], self.train_idx, hp.ngram_range,
+                    hp.max_ngrams, source,
+                )  # fmt: skip
+            else:
+                self._vocabulary = build_vocabulary(self.corpus, self.train_idx, self.hparams.num_words, source)
         return self._vocabulary
 
-    def encoded(self, split: str) -> Tensor:
-        """All reviews of ``split`` in the model's input format (``(N, L)`` int32), with the current vocabulary."""
+    def encoded(self, split: str) -> Tensor | BagDataset:
+        """All reviews of ``split`` in the model's input format (``(N, L)`` int32; ``ngrams``: a
+        :class:`~datamodules.ngrams.BagDataset`), with the current vocabulary."""
         if self.sentences:
             return self.corpus["splits"][split]["embeddings"]
+        if split not in self._encoded and self.ngrams:
+            data = self.corpus["splits"][split]
+            bags = self.vocabulary.encode(data["ids"], data["lengths"], self.corpus["words"], self.hparams.binary)
+            self._encoded[split] = BagDataset(*bags, data["labels"])
         if split not in self._encoded:
             lengths = self.corpus["splits"][split]["lengths"]
             ids = to_vocabulary(self.corpus, self.vocabulary, split)
@@ -207,6 +241,9 @@ class IMDBDataModule(pl.LightningDataModule):
     def _encode_raw(self, texts: list[str]) -> Tensor:
         if self.sentences:
             return self.reader.embed(texts)
+        if self.ngrams:
+            flat, offsets = self.vocabulary.encode_tokens([self.tokenize(t) for t in texts], self.hparams.binary)
+            return pad_bags(flat, offsets.diff())
         encoded = [self.vocabulary.encode(self.tokenize(t)) for t in texts]
         ids = torch.tensor([i for e in encoded for i in e], dtype=torch.int32)
         lengths = torch.tensor([len(e) for e in encoded], dtype=torch.int64)
@@ -242,7 +279,9 @@ class IMDBDataModule(pl.LightningDataModule):
                 stratify=hp.stratify_folds,
             )
 
-    def _dataset(self, split: str, rows: Tensor | None = None) -> TokenDataset:
+    def _dataset(self, split: str, rows: Tensor | None = None) -> TokenDataset | BagDataset:
+        if self.ngrams:
+            return self.encoded(split) if rows is None else self.encoded(split).select(rows)
         inputs, labels = self.encoded(split), self.corpus["splits"][split]["labels"]
         return TokenDataset(inputs, labels) if rows is None else TokenDataset(inputs[rows], labels[rows])
 
@@ -259,9 +298,15 @@ class IMDBDataModule(pl.LightningDataModule):
             pin_memory=self.hparams.pin_memory,
         )
 
+    def train_dataset(self) -> TokenDataset | BagDataset:
+        """The training part of the training split, whole on every rank (the loader's sampler shards it); a model
+        that needs training statistics (e.g. NB ratios) reads them here."""
+        self._read_corpus()
+        return self._dataset("train", self.train_idx)
+
     def train_dataloader(self) -> DataLoader:
         self._write_vocabulary()
-        return self._loader(self._dataset("train", self.train_idx), train=True)
+        return self._loader(self.train_dataset(), train=True)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self._dataset("train", self.val_idx), train=False) if len(self.val_idx) else []
@@ -304,11 +349,19 @@ class IMDBDataModule(pl.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         if self.sentences or (self._vocabulary is None and self.train_idx is None):
             return {}
+        if self.ngrams:
+            return {"ngrams": self.vocabulary.state(), "tokenizer": self.tokenizer_options()}
         return {"vocabulary": self.vocabulary.words, "tokenizer": self.tokenizer_options()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "vocabulary" not in state_dict:
+        if "vocabulary" not in state_dict and "ngrams" not in state_dict:
             return
+        if ("ngrams" in state_dict) != self.ngrams:
+            saved = "ngrams" if "ngrams" in state_dict else "a word representation"
+            raise ValueError(
+                f"The checkpoint was trained with {saved} but representation={self.hparams.representation!r}: "
+                "use the checkpoint's representation (its config.yaml has it)."
+            )
         saved, current = state_dict["tokenizer"], self.tokenizer_options()
         if saved != current:
             changed = ", ".join(f"{k}={saved[k]!r}" for k in saved if saved[k] != current.get(k))
@@ -317,6 +370,10 @@ class IMDBDataModule(pl.LightningDataModule):
                 f"({', '.join(f'{k}={current.get(k)!r}' for k in saved if saved[k] != current.get(k))}). Use the "
                 "checkpoint's preprocessing options (its config.yaml has them), or the words will not match."
             )
+        if self.ngrams:
+            self._vocabulary = self._checked_ngrams(NGramVocabulary.from_state(state_dict["ngrams"]))
+            self._encoded.clear()
+            return
         if len(state_dict["vocabulary"]) + 2 > self.hparams.num_words:
             raise ValueError(
                 f"The checkpoint's vocabulary has {len(state_dict['vocabulary']) + 2} indices but num_words="
@@ -324,3 +381,12 @@ class IMDBDataModule(pl.LightningDataModule):
             )
         self._vocabulary = Vocabulary(list(state_dict["vocabulary"]))
         self._encoded.clear()
+
+    def _checked_ngrams(self, vocabulary: NGramVocabulary) -> NGramVocabulary:
+        hp = self.hparams
+        if list(vocabulary.ngram_range) != list(hp.ngram_range) or len(vocabulary) > hp.max_ngrams:
+            raise ValueError(
+                f"The checkpoint's n-grams are {list(vocabulary.ngram_range)}-grams in {len(vocabulary)} indices but "
+                f"ngram_range={list(hp.ngram_range)}, max_ngrams={hp.max_ngrams}: set them as in training."
+            )
+        return vocabulary

