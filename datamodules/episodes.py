@@ -88,6 +88,67 @@ class EpisodeDataset(Dataset):
         return self.episode(*keys[0])
 
 
+class WithinAlphabetEpisodes(EpisodeDataset):
+    """Lake et al.'s (2015) one-shot classification runs: every episode's classes come from ONE alphabet, the
+    support drawings from ``shot`` drawers and the queries from ``query`` other drawers (the same drawers for all
+    the episode's characters), never rotated.
+
+    Episode ``i`` uses alphabet ``eligible[i % len(eligible)]`` (so every eligible alphabet gets the same number of
+    runs) and a seeded draw of ``way`` of its characters and of the drawers. Alphabets with fewer than ``way``
+    characters are skipped (:attr:`skipped`); with one query per class an episode has ``way`` queries, one per
+    character, as in Lake et al.'s 20-way runs. The output has :class:`EpisodeDataset`'s format.
+    """
+
+    def __init__(self, table: CharacterImages, way: int, shot: int, query: int, episodes: int, stream: int = 0):
+        n = len(table.characters)
+        super().__init__(table, torch.stack([torch.arange(n), torch.zeros(n, dtype=torch.long)], 1), way, shot, query,
+                         episodes, stream)  # fmt: skip
+        if table.drawers is None:
+            raise ValueError("within-alphabet episodes need the drawer of every drawing (CharacterImages.drawers)")
+        # rows[c, d]: the image of character c by the d-th drawer of the pool (-1: c has no drawing by d).
+        drawer_ids = table.drawers[torch.cat([table.offsets[c] + torch.arange(table.counts[c]) for c in range(n)])]
+        self.drawer_ids = torch.unique(drawer_ids)
+        self.rows = torch.full((n, len(self.drawer_ids)), -1, dtype=torch.long)
+        for c in range(n):
+            start = int(table.offsets[c])
+            images = torch.arange(start, start + int(table.counts[c]))
+            self.rows[c, torch.searchsorted(self.drawer_ids, table.drawers[images])] = images
+        alphabets = table.alphabets
+        names = sorted(set(alphabets))
+        members = {a: [c for c in range(n) if alphabets[c] == a] for a in names}
+        self.alphabets = [(a, torch.tensor(members[a])) for a in names if len(members[a]) >= way]
+        self.skipped = [a for a in names if len(members[a]) < way]
+        if not self.alphabets:
+            raise ValueError(
+                f"No alphabet of this pool has {way} characters for {way}-way within-alphabet episodes (sizes: "
+                f"{ {a: len(members[a]) for a in names} }); lower test_way."
+            )
+
+    def episode(self, seed: int, epoch: int, index: int) -> dict[str, Tensor]:
+        rng = np.random.default_rng([seed, self.stream, epoch, index])
+        _, members = self.alphabets[index % len(self.alphabets)]
+        characters = members[torch.from_numpy(rng.choice(len(members), self.way, replace=False))]
+        rows = self.rows[characters]  # (way, drawers)
+        common = torch.nonzero((rows >= 0).all(0)).flatten()  # drawers who drew every chosen character
+        per_class = self.shot + self.query
+        if len(common) < per_class:
+            raise ValueError(
+                f"only {len(common)} drawers drew all {self.way} characters of episode {index}; an episode takes "
+                f"{per_class} (shot + query). Lower test_shot / test_query."
+            )
+        drawers = common[torch.from_numpy(rng.choice(len(common), per_class, replace=False))]
+        picked = rows[:, drawers]  # (way, shot + query): support drawers first, then query drawers
+        labels = torch.arange(self.way)
+        return {
+            "support": self.views[picked[:, : self.shot].reshape(-1)],
+            "support_labels": labels.repeat_interleave(self.shot),
+            "query": self.views[picked[:, self.shot :].reshape(-1)],
+            "query_labels": labels.repeat_interleave(self.query),
+            "classes": torch.stack([characters, torch.zeros_like(characters)], 1),
+            "episode": torch.tensor(index),
+        }
+
+
 class EpisodeSampler(ResumableSampler):
     """Yields ``(seed, epoch, episode number)`` keys; rank ``r`` of ``W`` takes episode numbers ``r, r + W, ...``.
 

@@ -6,8 +6,9 @@ task harder, more shots make it easier. Omniglot (Lake et al., 2015: 1,623 handw
 alphabets, 20 drawings each) is the standard benchmark.
 
 Data layout: torchvision's (``<data_dir>/omniglot-py/images_background/`` and ``images_evaluation/``,
-downloaded by :meth:`OmniglotDataModule.prepare_data`), or any extracted tree ``<Alphabet>/<character>/*.png``
-(what the official zips extract to) given as ``background_dir`` / ``evaluation_dir``.
+downloaded by :meth:`OmniglotDataModule.prepare_data`; the official small background sets
+``images_background_small1/`` and ``small2/`` beside them with ``background_sets``), or any extracted tree
+``<Alphabet>/<character>/*.png`` (what the official zips extract to) given as ``background_dir`` / ``evaluation_dir``.
 
 Speed: every PNG is decoded once, resized (28x28 by default) and kept as one ``uint8`` tensor; the tensor is
 also cached on disk (keyed by the file list and the options, written atomically in ``prepare_data``), so a
@@ -30,8 +31,9 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
+from datamodules.augment import BatchAugment
 from datamodules.base import CorruptDataError, DataNotFoundError, EvalLoaders, default_data_dir
-from datamodules.episodes import EpisodeDataset, EpisodeSampler
+from datamodules.episodes import EpisodeDataset, EpisodeSampler, WithinAlphabetEpisodes
 from datamodules.loaders import slicing_loader, trainer_shard, training_seed
 from datamodules.omniglot_images import (  # noqa: F401  (load_image, CharacterImages: still importable from here)
     CharacterImages,
@@ -66,16 +68,30 @@ class OmniglotDataModule(EvalLoaders, pl.LightningDataModule):
     - ``split="characters"`` (Vinyals et al.): the characters of both trees are pooled and split by a seeded
       shuffle into ``test_classes`` / ``val_classes`` / the rest for training (Snell et al. use 423 / 172 / 1028).
 
-    Training classes are augmented with rotations by 90, 180 and 270 degrees as new classes (``rotations``);
-    validation and test classes never are.
+    With ``test_alphabets``, those background alphabets are the test pool instead of the evaluation tree (for a
+    check on held-out alphabets when only background sets are at hand); they never reach training or validation.
+
+    Training classes are augmented with rotations by 90, 180 and 270 degrees as new classes (``rotations``), and
+    training images with ``augment``; validation and test classes never are.
+
+    ``test_within_alphabet`` makes validation and test episodes Lake et al.'s (2015) one-shot runs: each takes its
+    ``test_way`` characters from one alphabet, the support drawings from ``test_shot`` drawers and the queries
+    from ``test_query`` other drawers (Lake et al.: 20-way, 1 shot, 1 query per character); alphabets with fewer
+    than ``test_way`` characters are skipped, with a warning (:class:`~datamodules.episodes.WithinAlphabetEpisodes`).
 
     Args:
         data_dir: Root of torchvision's ``omniglot-py/`` (default ``$DATA_DIR`` or ``./data``); downloaded there
             by ``prepare_data`` when a tree below is not given and not present.
-        background_dir: An extracted ``<Alphabet>/<character>/*.png`` tree for training/validation (default
-            ``<data_dir>/omniglot-py/images_background``).
+        background_dir: An extracted ``<Alphabet>/<character>/*.png`` tree for training/validation, or a list of
+            trees to pool (default ``<data_dir>/omniglot-py/<name>`` for each name of ``background_sets``).
+        background_sets: The official background sets pooled for training/validation when ``background_dir`` is
+            unset: ``images_background`` (30 alphabets), or ``images_background_small1`` and/or ``small2`` (5
+            alphabets each, Lake et al.'s small training sets); missing ones are downloaded. A character in several
+            sets (small1 and small2 share Greek and Latin) counts once.
         evaluation_dir: The tree for testing (default ``<data_dir>/omniglot-py/images_evaluation``).
         split: ``alphabets`` or ``characters``, see above.
+        test_alphabets: Background alphabets held out as the test pool (``alphabets`` split; the evaluation tree is
+            then not used).
         val_alphabets: Background alphabets held out for validation (count or fraction; ``alphabets`` split).
         val_classes: Validation characters (count or fraction; ``characters`` split).
         test_classes: Test characters (count or fraction; ``characters`` split).
@@ -87,7 +103,14 @@ class OmniglotDataModule(EvalLoaders, pl.LightningDataModule):
         train_episodes: Training episodes per epoch (over all processes: each of W ranks draws 1/W of them).
         test_way, test_shot, test_query: N', K' and queries per class of validation and test episodes.
         val_episodes: Validation episodes (the same ones every epoch).
-        test_episodes: Test episodes (Snell et al. average over 1,000).
+        test_episodes: Test episodes (Snell et al. average over 1,000), or within-alphabet runs.
+        test_within_alphabet: Validation and test episodes are within-alphabet runs with disjoint support and
+            query drawers (see above); their count is ``val_episodes`` / ``test_episodes``, drawn with ``seed``.
+        augment: Batch-level augmentation of training images (e.g. ``datamodules.augment.BatchAugment`` with small
+            rotations, shears, zooms and shifts, ``fill_mode: constant``), applied on the device to every support and
+            query image of a training episode; never to validation or test episodes.
+        channels_last: Hand episodes to the model in ``channels_last`` memory format (the CLI converts the model
+            too; faster convolutions on CPUs and GPUs).
         cache: Keep the decoded images on disk (``cache_dir``) for the next run.
         cache_dir: Folder of the cache (default ``<data_dir>/omniglot_cache``).
         num_workers: DataLoader workers; 0 is fastest (an episode is a tensor index).
@@ -99,9 +122,11 @@ class OmniglotDataModule(EvalLoaders, pl.LightningDataModule):
     def __init__(
         self,
         data_dir: str | None = None,
-        background_dir: str | None = None,
+        background_dir: str | list[str] | None = None,
         evaluation_dir: str | None = None,
+        background_sets: list[str] | None = None,
         split: SplitName = "alphabets",
+        test_alphabets: list[str] | None = None,
         val_alphabets: int | float = 0.2,
         val_classes: int | float = 172,
         test_classes: int | float = 423,
@@ -117,6 +142,9 @@ class OmniglotDataModule(EvalLoaders, pl.LightningDataModule):
         test_query: int = 15,
         val_episodes: int = 100,
         test_episodes: int = 1000,
+        test_within_alphabet: bool = False,
+        augment: BatchAugment | None = None,
+        channels_last: bool = False,
         cache: bool = True,
         cache_dir: str | None = None,
         num_workers: int = 0,
@@ -137,7 +165,10 @@ class OmniglotDataModule(EvalLoaders, pl.LightningDataModule):
                 raise ValueError(f"{name}={value}: every class needs at least one query per episode.")
         if image_size < 8:
             raise ValueError(f"image_size={image_size}: use at least 8 pixels (28 is the standard).")
-        self.save_hyperparameters()
+        if test_alphabets and split != "alphabets":
+            raise ValueError("test_alphabets holds out whole alphabets: use it with split='alphabets'.")
+        self.save_hyperparameters(ignore=["augment"])
+        self.augment = augment
         self.data_dir = Path(data_dir if data_dir is not None else default_data_dir()).expanduser()
         self.train_set: EpisodeDataset | None = None
         self.val_set: EpisodeDataset | None = None
@@ -161,8 +192,20 @@ class OmniglotDataModule(EvalLoaders, pl.LightningDataModule):
         return self.data_dir / "omniglot-py"
 
     def tree(self, which: Literal["background", "evaluation"]) -> Path:
-        given = self.hparams.background_dir if which == "background" else self.hparams.evaluation_dir
-        return Path(given).expanduser() if given else self.torchvision_root / f"images_{which}"
+        if which == "background":
+            return self.background_trees()[0]
+        given = self.hparams.evaluation_dir
+        return Path(given).expanduser() if given else self.torchvision_root / "images_evaluation"
+
+    def background_trees(self) -> list[Path]:
+        given = self.hparams.background_dir
+        if given:
+            return [Path(p).expanduser() for p in ([given] if isinstance(given, str) else given)]
+        return [self.torchvision_root / name for name in self.hparams.background_sets or ["images_background"]]
+
+    @property
+    def uses_evaluation_tree(self) -> bool:
+        return self.hparams.split == "characters" or not self.hparams.test_alphabets
 
     @property
     def cache_path(self) -> Path | None:
@@ -171,30 +214,39 @@ class OmniglotDataModule(EvalLoaders, pl.LightningDataModule):
         return Path(self.hparams.cache_dir).expanduser() if self.hparams.cache_dir else self.data_dir / "omniglot_cache"
 
     def prepare_data(self) -> None:
-        """Download what is missing (torchvision layout only), then decode and cache both trees."""
-        for which in ("background", "evaluation"):
-            given = self.hparams.background_dir if which == "background" else self.hparams.evaluation_dir
-            if given is None and not self.tree(which).is_dir():
-                self._download(which)
-        for which in ("background", "evaluation"):
-            load_tree(self.tree(which), self.hparams.image_size, self.hparams.invert, self.cache_path, True)
+        """Download what is missing (torchvision layout only), then decode and cache the trees."""
+        trees = self.background_trees() + ([self.tree("evaluation")] if self.uses_evaluation_tree else [])
+        given = {"background": self.hparams.background_dir, "evaluation": self.hparams.evaluation_dir}
+        for tree in trees:
+            which = "evaluation" if tree.name == "images_evaluation" else "background"
+            if given[which] is None and not tree.is_dir():
+                self._download(which, tree.name)
+        for tree in trees:
+            load_tree(tree, self.hparams.image_size, self.hparams.invert, self.cache_path, True)
 
-    def _download(self, which: str) -> None:
+    def _download(self, which: str, name: str) -> None:
         from torchvision.datasets import Omniglot
+        from torchvision.datasets.utils import download_and_extract_archive
 
-        rank_zero_info(f"Omniglot {which} set not found in {self.torchvision_root}; downloading it with torchvision")
+        rank_zero_info(f"Omniglot set {name} not found in {self.torchvision_root}; downloading it with torchvision")
         try:
-            Omniglot(str(self.data_dir), background=which == "background", download=True)
+            if name in ("images_background", "images_evaluation"):
+                Omniglot(str(self.data_dir), background=which == "background", download=True)
+            else:  # the small background sets sit beside the full ones in the official repository
+                url = f"{Omniglot.download_url_prefix}/{name}.zip"
+                download_and_extract_archive(url, str(self.torchvision_root))
         except Exception as err:  # URLError, OSError, RuntimeError depending on what failed
             raise DataNotFoundError(
-                f"The Omniglot {which} set is not in {self.tree(which)} and downloading images_{which}.zip from "
+                f"The Omniglot {which} set is not in {self.torchvision_root / name} and downloading {name}.zip from "
                 f"{Omniglot.download_url_prefix} failed ({type(err).__name__}: {err}). Either run once with network "
-                f"access (e.g. on a login node), or extract images_{which}.zip into {self.torchvision_root}, or set "
+                f"access (e.g. on a login node), or extract {name}.zip into {self.torchvision_root}, or set "
                 f"--data.init_args.{which}_dir to an extracted <Alphabet>/<character>/*.png tree."
             ) from err
 
     def _table(self, which: Literal["background", "evaluation"]) -> CharacterImages:
-        return load_tree(self.tree(which), self.hparams.image_size, self.hparams.invert, self.cache_path)
+        trees = self.background_trees() if which == "background" else [self.tree("evaluation")]
+        tables = [load_tree(tree, self.hparams.image_size, self.hparams.invert, self.cache_path) for tree in trees]
+        return tables[0] if len(tables) == 1 else CharacterImages.concat(tables)
 
     # ---- class pools ------------------------------------------------------------------------------------------
     def split_tables(self, stages: Sequence[str]) -> dict[str, CharacterImages]:
@@ -215,7 +267,19 @@ class OmniglotDataModule(EvalLoaders, pl.LightningDataModule):
             return {name: table.select(keep) for name, keep in parts.items()}
         tables: dict[str, CharacterImages] = {}
         background_tree = self.tree("background")
-        background = self._table("background") if "fit" in stages or background_tree.is_dir() else None
+        needed = "fit" in stages or not self.uses_evaluation_tree
+        background = self._table("background") if needed or background_tree.is_dir() else None
+        held_out = set(hp.test_alphabets or ())
+        if held_out:
+            unknown = sorted(held_out - set(background.alphabets))
+            if unknown:
+                raise ValueError(
+                    f"test_alphabets {unknown} are not alphabets of the background set(s) "
+                    f"{[str(t) for t in self.background_trees()]}; they hold {sorted(set(background.alphabets))}."
+                )
+            if "test" in stages:
+                tables["test"] = background.select([i for i, a in enumerate(background.alphabets) if a in held_out])
+            background = background.select([i for i, a in enumerate(background.alphabets) if a not in held_out])
         if "fit" in stages:
             alphabets = sorted(set(background.alphabets))
             n_val = _count(hp.val_alphabets, len(alphabets), "val_alphabets") if hp.val_alphabets else 0
@@ -223,7 +287,7 @@ class OmniglotDataModule(EvalLoaders, pl.LightningDataModule):
             in_val = [a in held_out for a in background.alphabets]
             tables["train"] = background.select([i for i, v in enumerate(in_val) if not v])
             tables["val"] = background.select([i for i, v in enumerate(in_val) if v])
-        if "test" in stages:
+        if "test" in stages and "test" not in tables:
             evaluation = self._table("evaluation")
             shared = sorted(set(evaluation.alphabets) & set(background.alphabets if background else ()))
             if shared:
@@ -263,6 +327,14 @@ class OmniglotDataModule(EvalLoaders, pl.LightningDataModule):
                 "restore the missing PNGs."
             )
         self.pools[split] = list(table.characters)
+        if not train and hp.test_within_alphabet:
+            dataset = WithinAlphabetEpisodes(table, way, shot, query, episodes, stream=STREAMS[split])
+            if dataset.skipped:
+                rank_zero_warn(
+                    f"{split} episodes are {way}-way within one alphabet: skipping the {split} alphabets "
+                    f"{dataset.skipped}, which have fewer than {way} characters."
+                )
+            return dataset
         return EpisodeDataset(table, classes, way, shot, query, episodes, stream=STREAMS[split])
 
     # ---- Lightning hooks --------------------------------------------------------------------------------------
@@ -299,9 +371,18 @@ class OmniglotDataModule(EvalLoaders, pl.LightningDataModule):
         return self._loader(self.train_set, train=True)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """``uint8`` pixels -> ``float32`` in [0, 1] on the device (Snell et al.'s scaling; no statistics)."""
-        if isinstance(batch, dict):
-            for key in ("support", "query"):
-                if key in batch and batch[key].dtype == torch.uint8:
-                    batch[key] = batch[key].float().div_(255.0)
+        """``uint8`` pixels -> ``float32`` in [0, 1] on the device (Snell et al.'s scaling; no statistics), then the
+        training augmentation (support and query images alike, each drawn independently)."""
+        if not isinstance(batch, dict):
+            return batch
+        training = self.augment is not None and self.trainer is not None and self.trainer.training
+        for key in ("support", "query"):
+            if key not in batch:
+                continue
+            if batch[key].dtype == torch.uint8:
+                batch[key] = batch[key].float().div_(255.0)
+            if training:
+                batch[key] = self.augment(batch[key])
+            if self.hparams.channels_last:
+                batch[key] = batch[key].contiguous(memory_format=torch.channels_last)
         return batch

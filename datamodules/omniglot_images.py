@@ -21,7 +21,7 @@ from torch import Tensor
 
 from datamodules.base import CorruptDataError, DataNotFoundError, atomic_save
 
-CACHE_VERSION = 1  # bump when decoding changes, so stale caches are never read
+CACHE_VERSION = 2  # bump when decoding changes, so stale caches are never read
 IMAGE_SUFFIXES = (".png",)
 
 
@@ -29,13 +29,16 @@ IMAGE_SUFFIXES = (".png",)
 class CharacterImages:
     """Every drawing of a set of characters as one ``uint8`` tensor.
 
-    ``images[offsets[i] : offsets[i] + counts[i]]`` are the drawings of ``characters[i]`` (``"Alphabet/character"``).
+    ``images[offsets[i] : offsets[i] + counts[i]]`` are the drawings of ``characters[i]`` (``"Alphabet/character"``);
+    ``drawers[j]`` is the person who drew ``images[j]``: the number after the last ``_`` of its file name (Omniglot
+    names a drawing ``<character id>_<drawer>.png``, the same 20 drawers for every character of an alphabet).
     """
 
     images: Tensor  # uint8 (N, 1, S, S)
     characters: list[str]
     offsets: Tensor  # int64 (num_characters,)
     counts: Tensor  # int64 (num_characters,)
+    drawers: Tensor | None = None  # int64 (N,)
 
     @property
     def alphabets(self) -> list[str]:
@@ -45,13 +48,14 @@ class CharacterImages:
         """The same image tensor (no copy) with only the characters at positions ``keep``."""
         keep_t = torch.as_tensor(list(keep), dtype=torch.long)
         return CharacterImages(
-            self.images, [self.characters[i] for i in keep], self.offsets[keep_t], self.counts[keep_t]
+            self.images, [self.characters[i] for i in keep], self.offsets[keep_t], self.counts[keep_t], self.drawers
         )
 
     @staticmethod
     def concat(parts: Sequence[CharacterImages]) -> CharacterImages:
         """One table of several trees; a character present in several (same ``Alphabet/character``) is kept once."""
         images, characters, offsets, counts, base, seen = [], [], [], [], 0, set()
+        drawers = [part.drawers for part in parts]
         for part in parts:
             keep = [i for i, name in enumerate(part.characters) if name not in seen]
             seen.update(part.characters)
@@ -60,7 +64,8 @@ class CharacterImages:
             offsets.append(part.offsets[keep] + base)
             counts.append(part.counts[keep])
             base += len(part.images)
-        return CharacterImages(torch.cat(images), characters, torch.cat(offsets), torch.cat(counts))
+        drawers_t = torch.cat(drawers) if all(d is not None for d in drawers) else None
+        return CharacterImages(torch.cat(images), characters, torch.cat(offsets), torch.cat(counts), drawers_t)
 
 
 def scan_tree(root: Path) -> list[tuple[str, list[Path]]]:
@@ -111,18 +116,28 @@ def load_image(path: Path, image_size: int, invert: bool = True) -> np.ndarray:
     return 255 - array if invert else array.copy()
 
 
+def drawer_of(path: Path, position: int) -> int:
+    """The drawer of ``<character id>_<drawer>.png`` (e.g. 5 for ``0394_05.png``); ``position + 1`` (the rank of
+    the file in its character folder) for a name without that suffix."""
+    suffix = path.stem.rsplit("_", 1)[-1]
+    return int(suffix) if "_" in path.stem and suffix.isdigit() else position + 1
+
+
 def decode_tree(characters: list[tuple[str, list[Path]]], image_size: int, invert: bool) -> CharacterImages:
     """Decode every drawing of a scanned tree into one :class:`CharacterImages`."""
     counts = [len(files) for _, files in characters]
     images = np.empty((sum(counts), 1, image_size, image_size), dtype=np.uint8)
+    drawers = np.empty(sum(counts), dtype=np.int64)
     i = 0
     for _, files in characters:
-        for path in files:
+        for position, path in enumerate(files):
             images[i, 0] = load_image(path, image_size, invert)
+            drawers[i] = drawer_of(path, position)
             i += 1
     counts_t = torch.tensor(counts, dtype=torch.long)
     offsets = torch.cumsum(counts_t, 0) - counts_t
-    return CharacterImages(torch.from_numpy(images), [name for name, _ in characters], offsets, counts_t)
+    names = [name for name, _ in characters]
+    return CharacterImages(torch.from_numpy(images), names, offsets, counts_t, torch.from_numpy(drawers))
 
 
 def cache_key(characters: list[tuple[str, list[Path]]], image_size: int, invert: bool) -> str:
@@ -138,7 +153,8 @@ def cache_key(characters: list[tuple[str, list[Path]]], image_size: int, invert:
 def _read_cache(path: Path) -> CharacterImages | None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        return CharacterImages(state["images"], list(state["characters"]), state["offsets"], state["counts"])
+        keys = ("images", "characters", "offsets", "counts", "drawers")
+        return CharacterImages(*(list(state[k]) if k == "characters" else state[k] for k in keys))
     except Exception as err:  # a damaged cache is only a cache: decode again
         rank_zero_warn(f"Ignoring the unreadable Omniglot cache {path} ({type(err).__name__}: {err}); decoding.")
         return None
@@ -165,6 +181,7 @@ def load_tree(
             "characters": decoded.characters,
             "offsets": decoded.offsets,
             "counts": decoded.counts,
+            "drawers": decoded.drawers,
         }
         try:
             atomic_save(state, path)

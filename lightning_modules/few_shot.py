@@ -50,12 +50,15 @@ def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
 
 class ProtoNetEncoder(nn.Sequential):
     """``blocks`` conv blocks of ``filters`` channels, flattened: (B, 1, 28, 28) -> (B, 64) with the defaults
-    (28 -> 14 -> 7 -> 3 -> 1 pixels)."""
+    (28 -> 14 -> 7 -> 3 -> 1 pixels). ``filters`` may list each block's channels (``blocks`` is then its length),
+    e.g. ``[32, 64, 128, 256]``: a 256-number embedding for less compute than 4 x 64 (the wide blocks are the
+    small ones)."""
 
-    def __init__(self, in_channels: int = 1, filters: int = 64, blocks: int = 4) -> None:
-        if blocks < 1 or filters < 1:
+    def __init__(self, in_channels: int = 1, filters: int | Sequence[int] = 64, blocks: int = 4) -> None:
+        widths = [filters] * blocks if isinstance(filters, int) else list(filters)
+        if not widths or min(widths) < 1:
             raise ValueError(f"blocks={blocks}, filters={filters}: the encoder needs at least one block and filter.")
-        layers = [conv_block(in_channels if i == 0 else filters, filters) for i in range(blocks)]
+        layers = [conv_block(c_in, c_out) for c_in, c_out in zip([in_channels, *widths[:-1]], widths, strict=True)]
         super().__init__(*layers, nn.Flatten())
 
 
@@ -201,8 +204,9 @@ class ProtoNet(FewShotModule):
     """Prototypical network: class prototypes = mean support embeddings, scores = minus squared distances.
 
     Args:
-        filters: Channels of every conv block (64).
-        blocks: Conv blocks (4); each halves the image, so 28x28 inputs end at 1x1.
+        filters: Channels of every conv block (64), or a list of each block's channels.
+        blocks: Conv blocks (4; the length of ``filters`` when it is a list); each halves the image, so 28x28
+            inputs end at 1x1.
         optimizer: Optimiser factory (Snell et al.: Adam, lr 1e-3).
         lr_scheduler: Optional scheduler factory, stepped per epoch (Snell et al. halve the rate every 2,000
             episodes: ``StepLR(step_size=2000 / train_episodes, gamma=0.5)``); ``ReduceLROnPlateau`` monitors
@@ -217,7 +221,7 @@ class ProtoNet(FewShotModule):
 
     def __init__(
         self,
-        filters: int = 64,
+        filters: int | list[int] = 64,
         blocks: int = 4,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,

@@ -1,0 +1,161 @@
+"""The fast Omniglot recipe: pooled small background sets, alphabets held out for testing, Lake et al.'s
+within-alphabet one-shot runs, training-only augmentation of episodes, and configs/omniglot/fast.yaml through the CLI
+(fit, test after fit, resume)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from omniglot_fakes import write_tree
+from train import main
+
+from datamodules.augment import BatchAugment
+from datamodules.omniglot import OmniglotDataModule
+from datamodules.omniglot_images import drawer_of
+from lightning_modules.few_shot import ProtoNetEncoder
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL1 = {"Alpha": 6, "Beta": 6}  # small1 and small2 share an alphabet, as the real ones share Greek and Latin
+SMALL2 = {"Beta": 6, "Gamma": 7, "Delta": 3}
+
+
+@pytest.fixture(scope="module")
+def small_sets(tmp_path_factory) -> Path:
+    """``omniglot-py/images_background_small1`` and ``small2`` (35x35 PNGs, 20 drawers) plus an evaluation tree."""
+    data_dir = tmp_path_factory.mktemp("omniglot_small")
+    base = data_dir / "omniglot-py"
+    write_tree(base / "images_background_small1", SMALL1, size=35, seed=1)
+    write_tree(base / "images_background_small2", SMALL2, size=35, seed=1)
+    write_tree(base / "images_evaluation", {"Zeta": 5, "Eta": 6}, size=35, seed=2)
+    return data_dir
+
+
+def datamodule(data_dir: Path, **kwargs) -> OmniglotDataModule:
+    options = dict(
+        data_dir=str(data_dir),
+        cache_dir=str(data_dir / "cache"),
+        background_sets=["images_background_small1", "images_background_small2"],
+        val_alphabets=0,
+        train_way=10,
+        train_episodes=8,
+        test_within_alphabet=True,
+        test_way=5,
+        test_shot=1,
+        test_query=1,
+        test_episodes=12,
+    )
+    dm = OmniglotDataModule(**{**options, **kwargs})
+    dm.prepare_data()
+    return dm
+
+
+def test_drawers_come_from_the_file_names():
+    assert drawer_of(Path("0394_05.png"), 0) == 5 and drawer_of(Path("0394_17.png"), 3) == 17
+    assert drawer_of(Path("scan.png"), 3) == 4  # no drawer suffix: the file's rank in its folder
+
+
+def test_within_alphabet_runs_use_one_alphabet_and_two_drawers(small_sets):
+    dm = datamodule(small_sets, test_alphabets=["Beta", "Gamma", "Delta"], test_shot=2, test_query=3, test_episodes=6)
+    with pytest.warns(UserWarning, match="skipping the test alphabets \\['Delta'\\]"):
+        dm.setup("test")
+    table, dataset = dm.test_set.table, dm.test_set
+    alphabets_seen = []
+    for index in range(len(dataset)):
+        episode = dataset.episode(dm.hparams.seed, 0, index)
+        characters = episode["classes"][:, 0]
+        alphabets = {table.alphabets[int(c)] for c in characters}
+        assert len(alphabets) == 1 and len(set(characters.tolist())) == 5  # 5 characters of ONE alphabet
+        alphabets_seen.append(alphabets.pop())
+        assert episode["support"].shape == (5 * 2, 1, 28, 28) and episode["query"].shape == (5 * 3, 1, 28, 28)
+        assert (episode["classes"][:, 1] == 0).all()  # never rotated
+        # Every image is the drawing of its class's character by one of the support or query drawers.
+        drawers = {}
+        for part, per_class in (("support", 2), ("query", 3)):
+            labels = episode[f"{part}_labels"]
+            assert labels.tolist() == torch.arange(5).repeat_interleave(per_class).tolist()
+            rows = [int(torch.nonzero((dataset.views == image).flatten(1).all(1))[0]) for image in episode[part]]
+            for row, label in zip(rows, labels.tolist(), strict=True):
+                c = int(characters[label])
+                assert table.offsets[c] <= row < table.offsets[c] + table.counts[c]
+            drawers[part] = table.drawers[rows].view(5, per_class)
+        # The same drawers for every character (Lake et al.'s runs); support and query drawers disjoint.
+        assert (drawers["support"] == drawers["support"][:1]).all() and (drawers["query"] == drawers["query"][:1]).all()
+        assert not set(drawers["support"][0].tolist()) & set(drawers["query"][0].tolist())
+    # Alphabets with enough characters take turns; Delta (3 characters) is too small for 5-way runs.
+    assert alphabets_seen == ["Beta", "Gamma"] * 3
+    again = dataset.episode(dm.hparams.seed, 0, 3)  # seeded: the same run twice
+    assert torch.equal(again["query"], dataset.episode(dm.hparams.seed, 0, 3)["query"])
+    with pytest.raises(ValueError, match="No alphabet of this pool has 8 characters"):
+        datamodule(small_sets, test_alphabets=["Delta", "Beta"], test_way=8).setup("test")
+
+
+def test_held_out_alphabets_never_reach_training(small_sets):
+    dm = datamodule(small_sets, test_alphabets=["Gamma"])
+    dm.setup("fit")
+    dm.setup("test")
+    train_alphabets = {name.split("/")[0] for name in dm.pools["train"]}
+    assert train_alphabets == {"Alpha", "Beta", "Delta"} and len(dm.pools["train"]) == 6 + 6 + 3  # Beta once
+    assert {name.split("/")[0] for name in dm.pools["test"]} == {"Gamma"} and dm.val_set is None
+    table = dm.train_set.table
+    for epoch in range(3):
+        for index in range(len(dm.train_set)):
+            episode = dm.train_set.episode(7, epoch, index)
+            assert not {table.alphabets[int(c)] for c in episode["classes"][:, 0]} & {"Gamma"}
+    with pytest.raises(ValueError, match="test_alphabets \\['Omega'\\] are not alphabets"):
+        datamodule(small_sets, test_alphabets=["Omega"]).setup("fit")
+    # Without test_alphabets the test pool is the evaluation tree (users with images_evaluation).
+    dm = datamodule(small_sets)
+    dm.setup("test")
+    assert {name.split("/")[0] for name in dm.pools["test"]} == {"Zeta", "Eta"} and len(dm.pools["test"]) == 11
+
+
+def test_augmentation_keeps_shapes_and_is_off_at_evaluation(small_sets):
+    augment = BatchAugment(rotation_range=10, shear_range=10, zoom_range=0.15, width_shift_range=0.1,
+                           height_shift_range=0.1, fill_mode="constant")  # fmt: skip
+    dm = datamodule(small_sets, test_alphabets=["Gamma"], augment=augment)
+    dm.setup("fit")
+    dm.trainer = trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    episode = dm.train_set.episode(0, 0, 0)
+    plain = {key: episode[key].float() / 255 for key in ("support", "query")}
+    trainer.training = True
+    torch.manual_seed(0)
+    augmented = dm.on_after_batch_transfer(dict(episode), 0)
+    for key in ("support", "query"):
+        assert augmented[key].shape == plain[key].shape and augmented[key].dtype == torch.float32
+        assert augmented[key].min() >= 0 and augmented[key].max() <= 1
+        changed = (augmented[key] - plain[key]).abs().flatten(1).amax(1) > 0.1
+        assert changed.float().mean() > 0.9  # (almost) every image moved
+    for stage in ("validating", "testing", "predicting"):
+        setattr(trainer, stage, True)
+        evaluated = dm.on_after_batch_transfer(dict(episode), 0)
+        assert all(torch.equal(evaluated[key], plain[key]) for key in ("support", "query"))
+
+
+def test_encoder_widths_per_block():
+    encoder = ProtoNetEncoder(1, [8, 16, 32, 48])
+    assert encoder(torch.zeros(3, 1, 28, 28)).shape == (3, 48)
+    assert [block[0].out_channels for block in list(encoder)[:4]] == [8, 16, 32, 48]
+    with pytest.raises(ValueError, match="at least one block"):
+        ProtoNetEncoder(1, [])
+
+
+def test_fast_config_fits_tests_within_alphabet_and_resumes(small_sets, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = ["-c", str(ROOT / "configs" / "omniglot" / "fast.yaml"), "--data.init_args.data_dir", str(small_sets),
+              "--data.init_args.cache_dir", str(small_sets / "cache"), "--data.init_args.train_way", "20",
+              "--model.init_args.num_classes", "20", "--data.init_args.train_episodes", "3",
+              "--data.init_args.test_way", "5", "--data.init_args.test_episodes", "4",
+              "--data.init_args.test_alphabets", "[Gamma]", "--model.init_args.filters", "[8, 16, 16, 32]",
+              "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--curves", "null"]  # fmt: skip
+    cli = main(["fit", *common, "--trainer.max_epochs", "1"])
+    assert cli.datamodule.hparams.test_within_alphabet and cli.datamodule.augment.rotation_range > 0
+    assert cli.trainer.callback_metrics["test/episodes"] == 4 and 0 <= cli.trainer.callback_metrics["test/acc"] <= 1
+    last = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 3
+    # Resume: the run continues from its 3 steps to 6 (not from scratch), then tests on the evaluation tree.
+    cli = main(["fit", *common, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    assert cli.trainer.global_step == 6 and cli.trainer.current_epoch == 2
+    assert Path(cli.trainer.log_dir) == last.parents[1]
