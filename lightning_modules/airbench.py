@@ -222,7 +222,7 @@ class AirbenchClassifier(SupervisedModule):
             del self.hparams[name]
         self.net = AirbenchNet(input_shape, num_classes, widths, bn_momentum, logit_scale, trainable_bn_scale)
         self.net.whiten.weight.requires_grad_(not whiten)
-        # 1 once the whitening filters are set: a restored or fine-tuned model keeps its filters.
+        # True once the whitening filters are set: a restored or fine-tuned model keeps its filters.
         self.register_buffer("whitened", torch.zeros((), dtype=torch.bool))
         self.lookahead = Lookahead()
         self._lookahead_step = -1
