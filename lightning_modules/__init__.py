@@ -1,5 +1,6 @@
 """One LightningModule per topic of the notes; the supervised ones share a classification base."""
 
+from lightning_modules.airbench import AirbenchClassifier
 from lightning_modules.autoencoder import AutoEncoder
 from lightning_modules.base import SupervisedModule
 from lightning_modules.baseline import BaselineModule
@@ -17,6 +18,7 @@ from lightning_modules.y_network import YNetworkClassifier
 
 __all__ = [
     "GAN",
+    "AirbenchClassifier",
     "AutoEncoder",
     "BaselineModule",
     "CNNClassifier",
