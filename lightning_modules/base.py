@@ -100,6 +100,9 @@ class SupervisedModule(pl.LightningModule):
         focal_alpha: Focal loss class balance (binary: weight of positives, ``1 - alpha`` for negatives;
             multiclass: a scalar factor). ``None`` disables it.
         focal_gamma: Focal loss focusing parameter; ``gamma=0`` with ``focal_alpha=None`` is plain CE.
+        label_smoothing: Multiclass training loss only: the targets keep ``1 - eps`` on their class and spread
+            ``eps`` over all classes (``torch.nn.functional.cross_entropy``'s ``label_smoothing``). ``val/loss``
+            and ``test/loss`` stay the plain loss, comparable across runs. 0 disables it.
 
     The penalties and ``max_norm`` act on the kernels of Linear/Conv layers only (:meth:`regularized_weights`);
     when ``fit`` starts, a warning names the trainable weights they skip (e.g. a transformer's ``in_proj_weight``,
@@ -126,6 +129,7 @@ class SupervisedModule(pl.LightningModule):
         class_weights: Sequence[float] | None = None,
         focal_alpha: float | None = 0.25,
         focal_gamma: float = 2.0,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         if task not in ("multiclass", "binary", "regression"):
@@ -138,6 +142,11 @@ class SupervisedModule(pl.LightningModule):
             if value < 0:
                 raise ValueError(f"{name}={value}: regularisation weights and norms must be >= 0.")
         self._check_loss(task, num_classes, loss, class_weights, focal_gamma)
+        if label_smoothing and (task != "multiclass" or loss == "focal" or not 0 < label_smoothing < 1):
+            raise ValueError(
+                f"label_smoothing={label_smoothing}: choose a value in [0, 1) with task='multiclass' and loss 'ce' "
+                f"or 'balanced_ce' (here task={task!r}, loss={loss!r})."
+            )
         self.save_hyperparameters()
         self.task = task
         self.num_classes = num_classes
@@ -179,8 +188,9 @@ class SupervisedModule(pl.LightningModule):
                 "(one per class; binary: [negative, positive])."
             )
 
-    def compute_loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        """The configured loss (``loss``/``class_weights``/``focal_*``) of a batch; subclasses may reuse it."""
+    def compute_loss(self, logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+        """The configured loss (``loss``/``class_weights``/``focal_*``) of a batch; subclasses may reuse it.
+        Training passes the configured ``label_smoothing``; evaluation computes the plain loss."""
         hp = self.hparams
         return task_loss(
             logits,
@@ -191,6 +201,7 @@ class SupervisedModule(pl.LightningModule):
             class_weights=getattr(self, "loss_class_weights", None),
             alpha=hp.get("focal_alpha", 0.25),
             gamma=hp.get("focal_gamma", 2.0),
+            label_smoothing=label_smoothing,
         )
 
     @property
@@ -282,7 +293,7 @@ class SupervisedModule(pl.LightningModule):
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         x, y = batch
         logits = self(x)
-        loss = self.compute_loss(logits, y)
+        loss = self.compute_loss(logits, y, self.hparams.get("label_smoothing", 0.0) if stage == "train" else 0.0)
         getattr(self, f"{stage}_metrics").update(*self._metric_inputs(logits.detach(), y))
         getattr(self, f"{stage}_loss").update(loss, len(x))
         if stage == "train" and self._train_logged_epoch != self.current_epoch:
@@ -332,7 +343,20 @@ class SupervisedModule(pl.LightningModule):
     def configure_optimizers(self):
         parameters = (p for p in self.parameters() if p.requires_grad)
         interval = self.hparams.get("scheduler_interval", "auto")
-        return optimizers_from_factories(self.optimizer_factory, self.scheduler_factory, parameters, interval)
+        return optimizers_from_factories(
+            self.optimizer_factory, self.scheduler_factory, parameters, interval, self._total_steps
+        )
+
+    def _total_steps(self) -> int:
+        """The run's optimiser steps (a OneCycleLR's default length): Lightning's estimate from the trainer.
+
+        A resumed fit restores the scheduler's state, ``total_steps`` included, from the checkpoint, so it needs no
+        estimate: Lightning's would load the training data before the restore, and the loader would then start the
+        interrupted epoch at its beginning instead of where the run stopped.
+        """
+        if self.trainer.ckpt_path is not None:
+            return 1  # replaced by the checkpoint's total_steps (OneCycleLR.load_state_dict)
+        return int(self.trainer.estimated_stepping_batches)
 
     # ---- input checks --------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

@@ -112,6 +112,14 @@ def focal_loss_binary(logits: Tensor, target: Tensor, alpha: float | None = 0.25
     return sigmoid_focal_loss(logits, target, alpha=-1 if alpha is None else alpha, gamma=gamma, reduction="none")
 
 
+def smooth_labels(target: Tensor, num_classes: int, eps: float) -> Tensor:
+    """Integer labels or soft rows -> rows with ``1 - eps`` of their mass kept and ``eps`` spread over all classes."""
+    if not 0 <= eps < 1:
+        raise ValueError(f"label_smoothing={eps} must lie in [0, 1).")
+    rows = target.float() if target.is_floating_point() else F.one_hot(target, num_classes).float()
+    return rows * (1 - eps) + eps / num_classes
+
+
 def _check_one_hot(logits: Tensor, target: Tensor) -> None:
     if target.shape != logits.shape:
         raise ValueError(
@@ -129,6 +137,7 @@ def task_loss(
     class_weights: Tensor | None = None,
     alpha: float | None = 0.25,
     gamma: float = 2.0,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """The loss that matches ``task``'s output layer (mean over the batch); see the module docstring.
 
@@ -141,6 +150,9 @@ def task_loss(
         class_weights: ``(C,)`` weights for ``balanced_ce`` (binary: ``(2,)``, negatives then positives).
         alpha: Focal loss class balance (binary: weight of positives; multiclass: a scalar factor).
         gamma: Focal loss focusing parameter; 0 with ``alpha=None`` is plain CE.
+        label_smoothing: Multiclass only: the target puts ``1 - eps`` on its class and spreads ``eps`` evenly over
+            all classes (Szegedy et al. 2016; ``torch.nn.functional.cross_entropy``'s ``label_smoothing``), for
+            integer and soft targets alike. 0 disables it.
     """
     if loss not in LOSSES:
         raise ValueError(f"loss={loss!r}: choose one of {', '.join(LOSSES)}.")
@@ -152,9 +164,15 @@ def task_loss(
         raise ValueError(
             "loss='balanced_ce' needs class_weights (the base module derives them from the training split)."
         )
+    if label_smoothing and task != "multiclass":
+        raise ValueError(f"label_smoothing={label_smoothing} applies to multiclass tasks only, not {task!r}.")
     if task == "multiclass":
         if target.is_floating_point():
             _check_one_hot(logits, target)
+        if label_smoothing:
+            if not target.is_floating_point() and loss == "ce" and not prob_clip:
+                return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
+            target = smooth_labels(target, logits.shape[-1], label_smoothing)
         if loss == "focal":
             return focal_loss_multiclass(logits, target, alpha, gamma, prob_clip).mean()
         log_p = _clip_log(F.log_softmax(logits.float(), dim=-1), prob_clip)

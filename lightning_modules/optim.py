@@ -3,19 +3,29 @@
 ``--model.init_args.optimizer`` and ``--model.init_args.lr_scheduler`` are factories (LightningCLI builds them from
 the YAML); :func:`optimizers_from_factories` turns them into ``configure_optimizers``' return value, and
 :func:`scheduler_step_interval` decides whether the scheduler steps after every training step or every epoch.
+A ``OneCycleLR`` given neither ``total_steps`` nor ``epochs`` gets the run's length (``total_steps`` = the trainer's
+``estimated_stepping_batches``), so the cycle follows ``max_epochs``, the data size, ``accumulate_grad_batches`` and
+the number of devices without arithmetic in the config.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
-from torch.optim.lr_scheduler import CyclicLR, LinearLR, OneCycleLR, ReduceLROnPlateau
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import CyclicLR, LinearLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
 
-__all__ = ["PER_STEP_SCHEDULERS", "SchedulerInterval", "optimizers_from_factories", "scheduler_step_interval"]
+__all__ = [
+    "PER_STEP_SCHEDULERS",
+    "SchedulerInterval",
+    "build_scheduler",
+    "optimizers_from_factories",
+    "scheduler_step_interval",
+]
 
 SchedulerInterval = Literal["auto", "step", "epoch"]
 # Schedulers whose lengths count training steps: OneCycleLR's total_steps, CyclicLR's step_size_up, and a LinearLR
@@ -39,20 +49,38 @@ def scheduler_step_interval(scheduler: object, interval: SchedulerInterval = "au
     return "epoch"
 
 
+def build_scheduler(
+    scheduler_factory: LRSchedulerCallable, optimizer: Optimizer, total_steps: Callable[[], int] | None = None
+) -> LRScheduler | ReduceLROnPlateau:
+    """The scheduler of ``scheduler_factory``; a ``OneCycleLR`` without a length gets ``total_steps()`` steps."""
+    try:
+        return scheduler_factory(optimizer)
+    except ValueError as err:  # OneCycleLR: "You must define either total_steps OR (epochs AND steps_per_epoch)"
+        if total_steps is None or "total_steps" not in str(err):
+            raise
+        steps = int(total_steps())
+    scheduler = scheduler_factory(optimizer, total_steps=steps)
+    rank_zero_info(f"{type(scheduler).__name__}: total_steps = {steps} (the run's training steps).")
+    return scheduler
+
+
 def optimizers_from_factories(
     optimizer_factory: OptimizerCallable,
     scheduler_factory: LRSchedulerCallable | None,
     parameters: Iterator[nn.Parameter],
     interval: SchedulerInterval = "auto",
+    total_steps: Callable[[], int] | None = None,
 ):
     """``configure_optimizers``' return value from the config's optimiser and optional scheduler factories.
 
     The scheduler steps as :func:`scheduler_step_interval` says; ``ReduceLROnPlateau`` monitors ``val/loss``.
+    ``total_steps`` (called only when needed) gives the run's number of optimiser steps to a ``OneCycleLR`` whose
+    config sets neither ``total_steps`` nor ``epochs``.
     """
     optimizer = optimizer_factory(parameters)
     if scheduler_factory is None:
         return optimizer
-    scheduler = scheduler_factory(optimizer)
+    scheduler = build_scheduler(scheduler_factory, optimizer, total_steps)
     config = {"scheduler": scheduler, "interval": scheduler_step_interval(scheduler, interval)}
     if isinstance(scheduler, ReduceLROnPlateau):
         config["monitor"] = "val/loss"

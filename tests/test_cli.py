@@ -92,6 +92,8 @@ def test_fit_fast_dev_run(config, mnist_dir):
             "2",
             "--data.init_args.val_size",
             "64",
+            "--test_after_fit",  # a test would replace the fit's callback_metrics (configs/mnist/fast.yaml tests)
+            "false",
         ]
     )
     assert cli.trainer.state.finished
