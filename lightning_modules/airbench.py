@@ -233,8 +233,9 @@ class AirbenchClassifier(SupervisedModule):
             return self.net(x)
         return tta_logits(self.net, x, self.hparams.tta_level)
 
-    def compute_loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy(logits, target, label_smoothing=self.hparams.label_smoothing)
+    def compute_loss(self, logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+        # the base passes the configured smoothing for training batches and 0 for val/test (plain, comparable loss)
+        return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
 
     # ---- whitening initialisation -----------------------------------------------------------------------------
     def whitening_images(self) -> Tensor:
