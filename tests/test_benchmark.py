@@ -16,7 +16,10 @@ PIPELINES = {
 
 
 # A fresh process per run for one suite, every run in one process for the other: both paths, in half the time.
-@pytest.mark.parametrize(("suite", "same_process"), [("mnist", False), ("cifar", True)])
+# The MNIST suite's six pipelines in fresh processes take the longest: slow (make test-all); CI runs the CIFAR one.
+@pytest.mark.parametrize(
+    ("suite", "same_process"), [pytest.param("mnist", False, marks=pytest.mark.slow), ("cifar", True)]
+)
 def test_benchmark_quick_mode_prints_the_table(suite, same_process):
     runs = ROOT / "runs"
     before = sorted(runs.rglob("*")) if runs.exists() else []
