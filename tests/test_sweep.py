@@ -95,7 +95,8 @@ def test_a_worker_killed_beside_a_live_one_leaves_a_sound_journal_and_its_trial_
     path = write_sweep(tmp_path)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "scripts")]))
     cmd = [sys.executable, str(ROOT / "scripts/sweep.py"), str(path), "--n-trials", "2"]
-    slow = ["--trainer.max_epochs", "50", "--trainer.limit_train_batches", "2", "--data.init_args.val_size", "64"]
+    slow = ["--trainer.max_epochs", "100000", "--early_stopping", "null", "--trainer.limit_train_batches", "2"]
+    slow += ["--data.init_args.val_size", "64"]  # runs until killed
     data = ["--data.init_args.data_dir", str(mnist_dir)]
     doomed = subprocess.Popen([*cmd, "--worker", "0", *data, *slow], env=env, stderr=subprocess.DEVNULL)
     wait_for(lambda: [t.state for t in _trials()] == [TrialState.RUNNING])
