@@ -69,15 +69,7 @@ class EpisodeDataset(Dataset):
         keys[np.arange(keys.shape[1]) >= counts[:, None]] = np.inf
         drawings = torch.from_numpy(np.argsort(keys, axis=1)[:, :per_class])
         rows = turns[:, None] * len(self.table.images) + self.table.offsets[characters][:, None] + drawings
-        labels = torch.arange(self.way)
-        return {
-            "support": self.views[rows[:, : self.shot].reshape(-1)],
-            "support_labels": labels.repeat_interleave(self.shot),
-            "query": self.views[rows[:, self.shot :].reshape(-1)],
-            "query_labels": labels.repeat_interleave(self.query),
-            "classes": picked,
-            "episode": torch.tensor(index),
-        }
+        return episode_batch(self.views, rows, self.shot, self.query, picked, index)
 
     def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Tensor]:
         return self.episode(*key)
@@ -138,15 +130,8 @@ class WithinAlphabetEpisodes(EpisodeDataset):
             )
         drawers = common[torch.from_numpy(rng.choice(len(common), per_class, replace=False))]
         picked = rows[:, drawers]  # (way, shot + query): support drawers first, then query drawers
-        labels = torch.arange(self.way)
-        return {
-            "support": self.views[picked[:, : self.shot].reshape(-1)],
-            "support_labels": labels.repeat_interleave(self.shot),
-            "query": self.views[picked[:, self.shot :].reshape(-1)],
-            "query_labels": labels.repeat_interleave(self.query),
-            "classes": torch.stack([characters, torch.zeros_like(characters)], 1),
-            "episode": torch.tensor(index),
-        }
+        classes = torch.stack([characters, torch.zeros_like(characters)], 1)
+        return episode_batch(self.views, picked, self.shot, self.query, classes, index)
 
 
 class EpisodeSampler(ResumableSampler):
@@ -164,3 +149,16 @@ class EpisodeSampler(ResumableSampler):
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
         epoch = self.epoch if self.vary_with_epoch else 0
         return ((self.seed, epoch, index) for index in super().__iter__())
+
+
+def episode_batch(views: Tensor, rows: Tensor, shot: int, query: int, classes: Tensor, index: int) -> dict[str, Tensor]:
+    """An episode as the few-shot modules take it: ``rows`` is (way, shot + query) image indices, support first."""
+    labels = torch.arange(len(rows))
+    return {
+        "support": views[rows[:, :shot].reshape(-1)],
+        "support_labels": labels.repeat_interleave(shot),
+        "query": views[rows[:, shot:].reshape(-1)],
+        "query_labels": labels.repeat_interleave(query),
+        "classes": classes,
+        "episode": torch.tensor(index),
+    }
