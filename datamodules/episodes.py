@@ -83,7 +83,8 @@ class EpisodeDataset(Dataset):
 class WithinAlphabetEpisodes(EpisodeDataset):
     """Lake et al.'s (2015) one-shot classification runs: every episode's classes come from ONE alphabet, the
     support drawings from ``shot`` drawers and the queries from ``query`` other drawers (the same drawers for all
-    the episode's characters), never rotated.
+    the episode's characters). With ``rotations`` (training episodes) a whole episode is turned by a random multiple
+    of 90 degrees; otherwise it is never rotated.
 
     Episode ``i`` uses alphabet ``eligible[i % len(eligible)]`` (so every eligible alphabet gets the same number of
     runs) and a seeded draw of ``way`` of its characters and of the drawers. Alphabets with fewer than ``way``
@@ -91,10 +92,19 @@ class WithinAlphabetEpisodes(EpisodeDataset):
     character, as in Lake et al.'s 20-way runs. The output has :class:`EpisodeDataset`'s format.
     """
 
-    def __init__(self, table: CharacterImages, way: int, shot: int, query: int, episodes: int, stream: int = 0):
-        n = len(table.characters)
-        super().__init__(table, torch.stack([torch.arange(n), torch.zeros(n, dtype=torch.long)], 1), way, shot, query,
-                         episodes, stream)  # fmt: skip
+    def __init__(
+        self,
+        table: CharacterImages,
+        way: int,
+        shot: int,
+        query: int,
+        episodes: int,
+        stream: int = 0,
+        rotations: bool = False,
+    ) -> None:
+        n, self.turns = len(table.characters), 4 if rotations else 1
+        classes = torch.stack([torch.arange(n).repeat(self.turns), torch.arange(self.turns).repeat_interleave(n)], 1)
+        super().__init__(table, classes, way, shot, query, episodes, stream)
         if table.drawers is None:
             raise ValueError("within-alphabet episodes need the drawer of every drawing (CharacterImages.drawers)")
         # rows[c, d]: the image of character c by the d-th drawer of the pool (-1: c has no drawing by d).
@@ -113,7 +123,7 @@ class WithinAlphabetEpisodes(EpisodeDataset):
         if not self.alphabets:
             raise ValueError(
                 f"No alphabet of this pool has {way} characters for {way}-way within-alphabet episodes (sizes: "
-                f"{ {a: len(members[a]) for a in names} }); lower test_way."
+                f"{ {a: len(members[a]) for a in names} }); lower the way (train_way / test_way)."
             )
 
     def episode(self, seed: int, epoch: int, index: int) -> dict[str, Tensor]:
@@ -126,11 +136,13 @@ class WithinAlphabetEpisodes(EpisodeDataset):
         if len(common) < per_class:
             raise ValueError(
                 f"only {len(common)} drawers drew all {self.way} characters of episode {index}; an episode takes "
-                f"{per_class} (shot + query). Lower test_shot / test_query."
+                f"{per_class} (shot + query). Lower the shot or query count (train_/test_shot, train_/test_query)."
             )
         drawers = common[torch.from_numpy(rng.choice(len(common), per_class, replace=False))]
         picked = rows[:, drawers]  # (way, shot + query): support drawers first, then query drawers
-        classes = torch.stack([characters, torch.zeros_like(characters)], 1)
+        turn = int(rng.integers(self.turns)) if self.turns > 1 else 0  # drawn last: the draws above never change
+        picked = picked + turn * len(self.table.images)
+        classes = torch.stack([characters, torch.full_like(characters, turn)], 1)
         return episode_batch(self.views, picked, self.shot, self.query, classes, index)
 
 

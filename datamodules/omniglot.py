@@ -106,6 +106,10 @@ class OmniglotDataModule(EvalLoaders, pl.LightningDataModule):
         test_episodes: Test episodes (Snell et al. average over 1,000), or within-alphabet runs.
         test_within_alphabet: Validation and test episodes are within-alphabet runs with disjoint support and
             query drawers (see above); their count is ``val_episodes`` / ``test_episodes``, drawn with ``seed``.
+        train_within_alphabet: Training episodes are within-alphabet too (``train_way`` characters of one alphabet,
+            support and query drawers disjoint): practice at telling apart the similar characters of one alphabet,
+            which is what the test runs ask. With ``rotations`` each such episode is turned by a random quarter
+            turn as a whole (rotated characters are then not new classes).
         augment: Batch-level augmentation of training images (e.g. ``datamodules.augment.BatchAugment`` with small
             rotations, shears, zooms and shifts, ``fill_mode: constant``), applied on the device to every support and
             query image of a training episode; never to validation or test episodes.
@@ -143,6 +147,7 @@ class OmniglotDataModule(EvalLoaders, pl.LightningDataModule):
         val_episodes: int = 100,
         test_episodes: int = 1000,
         test_within_alphabet: bool = False,
+        train_within_alphabet: bool = False,
         augment: BatchAugment | None = None,
         channels_last: bool = False,
         cache: bool = True,
@@ -327,8 +332,9 @@ class OmniglotDataModule(EvalLoaders, pl.LightningDataModule):
                 "restore the missing PNGs."
             )
         self.pools[split] = list(table.characters)
-        if not train and hp.test_within_alphabet:
-            dataset = WithinAlphabetEpisodes(table, way, shot, query, episodes, stream=STREAMS[split])
+        if hp.train_within_alphabet if train else hp.test_within_alphabet:
+            rotations = train and hp.rotations
+            dataset = WithinAlphabetEpisodes(table, way, shot, query, episodes, STREAMS[split], rotations)
             if dataset.skipped:
                 rank_zero_warn(
                     f"{split} episodes are {way}-way within one alphabet: skipping the {split} alphabets "

@@ -315,8 +315,8 @@ class AirbenchClassifier(SupervisedModule):
     # ---- lookahead --------------------------------------------------------------------------------------------
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         every, step = self.hparams.lookahead_every, self.global_step
-        if not every or step == self._lookahead_step:
-            return  # off, or no optimiser step since the last call (gradient accumulation)
+        if not every or step == 0 or step == self._lookahead_step:
+            return  # off, or no optimiser step yet / since the last call (gradient accumulation)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         if step >= total:
             self.lookahead.update(self.net, decay=1.0)  # the last step: the weights become the slow copy

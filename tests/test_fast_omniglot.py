@@ -92,6 +92,30 @@ def test_within_alphabet_runs_use_one_alphabet_and_two_drawers(small_sets):
         datamodule(small_sets, test_alphabets=["Delta", "Beta"], test_way=8).setup("test")
 
 
+def test_within_alphabet_training_episodes_turn_whole_episodes(small_sets):
+    dm = datamodule(small_sets, test_alphabets=["Delta"], train_within_alphabet=True, train_way=5, train_query=2)
+    dm.setup("fit")
+    dataset, table = dm.train_set, dm.train_set.table
+    turns = set()
+    for epoch in range(2):
+        for index in range(len(dataset)):
+            episode = dataset.episode(3, epoch, index)
+            assert len({table.alphabets[int(c)] for c in episode["classes"][:, 0]}) == 1
+            turn = episode["classes"][:, 1]
+            assert (turn == turn[0]).all()  # one quarter turn for the whole episode
+            turns.add(int(turn[0]))
+            # the images are the characters' drawings turned by that quarter turn
+            rows = [int(torch.nonzero((dataset.views == image).flatten(1).all(1))[0]) for image in episode["support"]]
+            assert all(row // len(table.images) == int(turn[0]) for row in rows)
+    assert len(turns) > 1  # over 16 episodes, more than one turn is drawn
+    # Without rotations, nothing turns; test episodes never do.
+    plain = datamodule(small_sets, test_alphabets=["Delta"], train_within_alphabet=True, train_way=5, rotations=False)
+    plain.setup("fit")
+    assert all((plain.train_set.episode(3, 0, i)["classes"][:, 1] == 0).all() for i in range(8))
+    with pytest.raises(ValueError, match=r"No alphabet of this pool has 8 characters.*train_way"):
+        datamodule(small_sets, test_alphabets=["Delta"], train_within_alphabet=True, train_way=8).setup("fit")
+
+
 def test_held_out_alphabets_never_reach_training(small_sets):
     dm = datamodule(small_sets, test_alphabets=["Gamma"])
     dm.setup("fit")
