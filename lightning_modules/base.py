@@ -22,7 +22,7 @@ from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
 from lightning_modules.layers import KERNEL_LAYERS, InitName, keras_init_
 from lightning_modules.losses import LOSSES, LossName, Task, balanced_class_weights, task_loss, training_class_counts
-from lightning_modules.optim import SchedulerInterval, optimizers_from_factories
+from lightning_modules.optim import SchedulerInterval, optimizers_from_factories, run_total_steps
 
 
 def warn_if_narrow(widths: Sequence[int], num_classes: int, where: str) -> None:
@@ -344,19 +344,8 @@ class SupervisedModule(pl.LightningModule):
         parameters = (p for p in self.parameters() if p.requires_grad)
         interval = self.hparams.get("scheduler_interval", "auto")
         return optimizers_from_factories(
-            self.optimizer_factory, self.scheduler_factory, parameters, interval, self._total_steps
+            self.optimizer_factory, self.scheduler_factory, parameters, interval, lambda: run_total_steps(self.trainer)
         )
-
-    def _total_steps(self) -> int:
-        """The run's optimiser steps (a OneCycleLR's default length): Lightning's estimate from the trainer.
-
-        A resumed fit restores the scheduler's state, ``total_steps`` included, from the checkpoint, so it needs no
-        estimate: Lightning's would load the training data before the restore, and the loader would then start the
-        interrupted epoch at its beginning instead of where the run stopped.
-        """
-        if self.trainer.ckpt_path is not None:
-            return 1  # replaced by the checkpoint's total_steps (OneCycleLR.load_state_dict)
-        return int(self.trainer.estimated_stepping_batches)
 
     # ---- input checks --------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

@@ -30,7 +30,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_modules.base import check_input_shape
-from lightning_modules.optim import SchedulerInterval, optimizers_from_factories
+from lightning_modules.optim import SchedulerInterval, optimizers_from_factories, run_total_steps
 
 Episode = dict[str, Tensor]
 
@@ -257,8 +257,9 @@ class ProtoNet(FewShotModule):
 
     def configure_optimizers(self):
         parameters = (p for p in self.parameters() if p.requires_grad)
+        interval = self.hparams.get("scheduler_interval", "auto")
         return optimizers_from_factories(
-            self.optimizer_factory, self.scheduler_factory, parameters, self.hparams.get("scheduler_interval", "auto")
+            self.optimizer_factory, self.scheduler_factory, parameters, interval, lambda: run_total_steps(self.trainer)
         )
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "SchedulerInterval",
     "build_scheduler",
     "optimizers_from_factories",
+    "run_total_steps",
     "scheduler_step_interval",
 ]
 
@@ -47,6 +48,18 @@ def scheduler_step_interval(scheduler: object, interval: SchedulerInterval = "au
         )
         return "step"
     return "epoch"
+
+
+def run_total_steps(trainer) -> int:
+    """The run's optimiser steps (a OneCycleLR's default length): Lightning's estimate from the trainer.
+
+    A resumed fit restores the scheduler's state, ``total_steps`` included, from the checkpoint, so it needs no
+    estimate: Lightning's would load the training data before the restore, and the loader would then start the
+    interrupted epoch at its beginning instead of where the run stopped.
+    """
+    if trainer.ckpt_path is not None:
+        return 1  # replaced by the checkpoint's total_steps (OneCycleLR.load_state_dict)
+    return int(trainer.estimated_stepping_batches)
 
 
 def build_scheduler(

@@ -169,13 +169,15 @@ def test_encoder_widths_per_block():
 def test_fast_config_fits_tests_within_alphabet_and_resumes(small_sets, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     common = ["-c", str(ROOT / "configs" / "omniglot" / "fast.yaml"), "--data.init_args.data_dir", str(small_sets),
-              "--data.init_args.cache_dir", str(small_sets / "cache"), "--data.init_args.train_way", "20",
-              "--model.init_args.num_classes", "20", "--data.init_args.train_episodes", "3",
+              "--data.init_args.cache_dir", str(small_sets / "cache"), "--data.init_args.train_way", "5",
+              "--model.init_args.num_classes", "5", "--data.init_args.train_episodes", "3",
+              "--model.init_args.lr_scheduler.init_args.total_steps", "6",  # the resumed run's length
               "--data.init_args.test_way", "5", "--data.init_args.test_episodes", "4",
               "--data.init_args.test_alphabets", "[Gamma]", "--model.init_args.filters", "[8, 16, 16, 32]",
               "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--curves", "null"]  # fmt: skip
     cli = main(["fit", *common, "--trainer.max_epochs", "1"])
     assert cli.datamodule.hparams.test_within_alphabet and cli.datamodule.augment.rotation_range > 0
+    assert cli.datamodule.hparams.train_within_alphabet
     assert cli.trainer.callback_metrics["test/episodes"] == 4 and 0 <= cli.trainer.callback_metrics["test/acc"] <= 1
     last = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 3
