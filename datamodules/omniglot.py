@@ -97,7 +97,8 @@ class OmniglotDataModule(EvalLoaders, pl.LightningDataModule):
         test_classes: Test characters (count or fraction; ``characters`` split).
         image_size: Side of the square images (28 as Vinyals et al. and Snell et al.).
         invert: Strokes bright on a dark background (see :func:`~datamodules.omniglot_images.load_image`).
-        rotations: Rotated training characters as new classes (x4 training classes).
+        rotations: Rotated training characters as new classes (x4 training classes); with
+            ``train_within_alphabet``, a random quarter turn of each whole training episode instead.
         train_way, train_shot, train_query: N, K and queries per class of training episodes (Snell et al.
             train with more classes than they test: 60-way, 5 queries, shot as at test time).
         train_episodes: Training episodes per epoch (over all processes: each of W ranks draws 1/W of them).

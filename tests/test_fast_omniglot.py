@@ -171,17 +171,20 @@ def test_fast_config_fits_tests_within_alphabet_and_resumes(small_sets, tmp_path
     common = ["-c", str(ROOT / "configs" / "omniglot" / "fast.yaml"), "--data.init_args.data_dir", str(small_sets),
               "--data.init_args.cache_dir", str(small_sets / "cache"), "--data.init_args.train_way", "5",
               "--model.init_args.num_classes", "5", "--data.init_args.train_episodes", "3",
-              "--model.init_args.lr_scheduler.init_args.total_steps", "6",  # the resumed run's length
               "--data.init_args.test_way", "5", "--data.init_args.test_episodes", "4",
               "--data.init_args.test_alphabets", "[Gamma]", "--model.init_args.filters", "[8, 16, 16, 32]",
               "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--curves", "null"]  # fmt: skip
-    cli = main(["fit", *common, "--trainer.max_epochs", "1"])
+    length = ["--model.init_args.lr_scheduler.init_args.total_steps", "6"]  # the resumed run's, set from the start
+    cli = main(["fit", *common, *length, "--trainer.max_epochs", "1"])
     assert cli.datamodule.hparams.test_within_alphabet and cli.datamodule.augment.rotation_range > 0
     assert cli.datamodule.hparams.train_within_alphabet
     assert cli.trainer.callback_metrics["test/episodes"] == 4 and 0 <= cli.trainer.callback_metrics["test/acc"] <= 1
     last = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 3
     # Resume: the run continues from its 3 steps to 6 (not from scratch), then tests on the evaluation tree.
-    cli = main(["fit", *common, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    cli = main(["fit", *common, *length, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
     assert cli.trainer.global_step == 6 and cli.trainer.current_epoch == 2
     assert Path(cli.trainer.log_dir) == last.parents[1]
+    # Without total_steps (the config's way), the one-cycle schedule spans the run: epochs x training episodes.
+    cli = main(["fit", *common, "--trainer.max_epochs", "2", "--experiment", "auto_length"])
+    assert cli.trainer.lr_scheduler_configs[0].scheduler.total_steps == 2 * 3 == cli.trainer.global_step
