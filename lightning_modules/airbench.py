@@ -146,6 +146,19 @@ def decoupled_step_sizes(lr: float, weight_decay: float, batch_size: int, moment
     return lr * scale, weight_decay * scale
 
 
+def parameter_groups(net: nn.Module, lr: float, decay: float, bias_lr_factor: float) -> list[dict]:
+    """SGD groups of ``net``'s trainable parameters: the BatchNorm shifts at ``lr * bias_lr_factor``, the rest at
+    ``lr``; both decay by ``decay`` per step (torch's SGD multiplies a group's weight_decay by its lr, hence the
+    divisions)."""
+    norm_ids = {id(p) for m in net.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    bias_lr = lr * bias_lr_factor
+    return [
+        {"params": [p for p in trainable if id(p) in norm_ids], "lr": bias_lr, "weight_decay": decay / bias_lr},
+        {"params": [p for p in trainable if id(p) not in norm_ids], "lr": lr, "weight_decay": decay / lr},
+    ]
+
+
 # ---- the LightningModule --------------------------------------------------------------------------------------
 class AirbenchClassifier(SupervisedModule):
     """Airbench-style CIFAR classifier with its own optimiser, schedule, lookahead and test-time augmentation.
@@ -283,17 +296,8 @@ class AirbenchClassifier(SupervisedModule):
     def configure_optimizers(self):
         hp = self.hparams
         total = int(self.trainer.estimated_stepping_batches)  # loads the training data: its batch size is known
-        # Per step; torch's SGD multiplies a group's weight_decay by its lr, hence the divisions below.
         lr, decay = decoupled_step_sizes(hp.lr, hp.weight_decay, self.global_batch_size(), hp.momentum)
-        norm_ids = {id(p) for m in self.net.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
-        trainable = [p for p in self.net.parameters() if p.requires_grad]
-        shifts = [p for p in trainable if id(p) in norm_ids]
-        others = [p for p in trainable if id(p) not in norm_ids]
-        bias_lr = lr * hp.bias_lr_factor
-        groups = [
-            {"params": shifts, "lr": bias_lr, "weight_decay": decay / bias_lr},
-            {"params": others, "lr": lr, "weight_decay": decay / lr},
-        ]
+        groups = parameter_groups(self.net, lr, decay, hp.bias_lr_factor)
         optimizer = torch.optim.SGD(groups, momentum=hp.momentum, nesterov=True)
         warmup = min(max(1, int(total * hp.warmup_fraction)), max(1, total - 1))
         schedule = SequentialLR(
@@ -337,5 +341,6 @@ __all__ = [
     "Lookahead",
     "decoupled_step_sizes",
     "image_patches",
+    "parameter_groups",
     "whitening_filters",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from lightning_modules.airbench import (
     AirbenchNet,
     Lookahead,
     decoupled_step_sizes,
+    parameter_groups,
     whitening_filters,
 )
 from lightning_modules.tta import tta_logits
@@ -34,8 +36,6 @@ from lightning_modules.tta import tta_logits
 
 def recipe() -> dict:
     """The recipe's hyperparameters: the classifier's defaults (the values of configs/cifar10/fast.yaml)."""
-    import inspect
-
     params = inspect.signature(AirbenchClassifier.__init__).parameters
     return {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
 
@@ -51,7 +51,7 @@ def lr_factor(step: int, total: int, hp: dict) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, required=True, help="image-folder copy: train/<class>, test/<class>")
-    parser.add_argument("--val-size", type=int, default=2000, help="training images left out, as the CLI's val_size")
+    parser.add_argument("--val-size", type=int, default=1000, help="training images left out, as the CLI's val_size")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--precision", choices=("bf16-mixed", "32-true"), default="bf16-mixed")
@@ -86,13 +86,7 @@ def main() -> None:
     steps_per_epoch = len(images) // args.batch_size + bool(len(images) % args.batch_size)
     total = steps_per_epoch * args.epochs
     lr, decay = decoupled_step_sizes(hp["lr"], hp["weight_decay"], args.batch_size, hp["momentum"])
-    norm_ids = {id(p) for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
-    trainable = [p for p in net.parameters() if p.requires_grad]
-    bias_lr = lr * hp["bias_lr_factor"]
-    groups = [
-        {"params": [p for p in trainable if id(p) in norm_ids], "lr": bias_lr, "weight_decay": decay / bias_lr},
-        {"params": [p for p in trainable if id(p) not in norm_ids], "lr": lr, "weight_decay": decay / lr},
-    ]
+    groups = parameter_groups(net, lr, decay, hp["bias_lr_factor"])
     optimizer = torch.optim.SGD(groups, momentum=hp["momentum"], nesterov=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, hp))
     augment = BatchAugment(horizontal_flip=True, crop_padding=2)
