@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from lightning_modules.base import check_input_shape
 from lightning_modules.optim import SchedulerInterval, optimizers_from_factories, run_total_steps
+from lightning_modules.tta import shift_averaged
 
 Episode = dict[str, Tensor]
 
@@ -213,6 +214,9 @@ class ProtoNet(FewShotModule):
             ``val/loss``.
         scheduler_interval: When the scheduler steps: ``step``, ``epoch`` or ``auto`` (OneCycleLR, CyclicLR and
             LinearLR warm-ups per step, the others per epoch).
+        tta_shift: Test-time augmentation at validation, test and predict: every image (support and query) is
+            embedded as the mean embedding of its copies shifted by up to this many pixels in x and y
+            (``(2 * tta_shift + 1) ** 2`` views; 0, the default, embeds the image alone). Training is unchanged.
         **kwargs: ``num_classes``, ``input_shape``: see :class:`FewShotModule`.
 
     Support and query images go through the encoder in one batch, so BatchNorm's training statistics are the
@@ -226,10 +230,14 @@ class ProtoNet(FewShotModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: SchedulerInterval = "auto",
+        tta_shift: int = 0,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        if tta_shift < 0:
+            raise ValueError(f"tta_shift={tta_shift}: a number of pixels, 0 (no test-time augmentation) or more.")
         self.save_hyperparameters()
+        self.tta_shift = tta_shift
         self.encoder = ProtoNetEncoder(self.input_shape[0], filters, blocks)
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
@@ -239,9 +247,13 @@ class ProtoNet(FewShotModule):
         """Embeddings ``(B, d)`` of images ``(B, C, H, W)``."""
         return self.encoder(images)
 
+    def embed(self, images: Tensor) -> Tensor:
+        """Embeddings of images; in eval mode averaged over shifted copies when ``tta_shift`` > 0."""
+        return self(images) if self.training else shift_averaged(self, images, self.tta_shift)
+
     def logits(self, episode: Episode) -> Tensor:
         support, query = episode["support"], episode["query"]
-        embeddings = self(torch.cat([support, query]))
+        embeddings = self.embed(torch.cat([support, query]))
         support_emb, query_emb = embeddings[: len(support)], embeddings[len(support) :]
         centres = prototypes(support_emb, episode["support_labels"], self.way(episode))
         return -squared_euclidean(query_emb, centres)

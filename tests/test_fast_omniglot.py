@@ -15,7 +15,8 @@ from train import main
 from datamodules.augment import BatchAugment
 from datamodules.omniglot import OmniglotDataModule
 from datamodules.omniglot_images import drawer_of
-from lightning_modules.few_shot import ProtoNetEncoder
+from lightning_modules.few_shot import ProtoNet, ProtoNetEncoder, prototypes, squared_euclidean
+from lightning_modules.tta import shift_averaged
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL1 = {"Alpha": 6, "Beta": 6}  # small1 and small2 share an alphabet, as the real ones share Greek and Latin
@@ -166,6 +167,47 @@ def test_encoder_widths_per_block():
         ProtoNetEncoder(1, [])
 
 
+def test_shift_averaging_blurs_a_point_over_every_shift_in_the_radius():
+    image = torch.zeros(1, 1, 9, 9)
+    image[0, 0, 4, 4] = 1.0
+    flat = torch.nn.Flatten()
+    assert torch.equal(shift_averaged(flat, image, 0), flat(image))
+    blurred = shift_averaged(flat, image, 1).view(9, 9)  # 9 views: the point lands on each of its 3 x 3 neighbours
+    expected = torch.zeros(9, 9)
+    expected[3:6, 3:6] = 1 / 9
+    torch.testing.assert_close(blurred, expected)
+    assert torch.count_nonzero(shift_averaged(flat, image, 2)) == 25
+    with pytest.raises(ValueError, match="radius=-1"):
+        shift_averaged(flat, image, -1)
+
+
+def test_protonet_averages_embeddings_over_shifts_only_at_evaluation():
+    torch.manual_seed(0)
+    model = ProtoNet(num_classes=3, filters=[4, 8, 8, 8], tta_shift=1)
+    support, query = torch.zeros(3, 1, 28, 28), torch.zeros(6, 1, 28, 28)
+    support[:, :, 4:24, 4:24] = torch.rand(3, 1, 20, 20)  # a blank border: shifting by rolling is then exact
+    query[:, :, 4:24, 4:24] = torch.rand(6, 1, 20, 20)
+    labels = torch.arange(3)
+    episode = {"support": support, "support_labels": labels, "query": query, "query_labels": torch.arange(6) % 3}
+
+    def embed(images):  # the mean embedding of the 9 copies shifted by -1, 0 or 1 pixel in x and y
+        views = [model(images.roll((dy, dx), dims=(-2, -1))) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        return torch.stack(views).mean(0)
+
+    model.eval()
+    with torch.no_grad():
+        expected = -squared_euclidean(embed(query), prototypes(embed(support), labels, 3))
+        with_tta = model.logits(episode)
+        torch.testing.assert_close(with_tta, expected)
+        model.tta_shift = 0
+        assert not torch.allclose(with_tta, model.logits(episode))
+        model.tta_shift = 1
+    model.train()
+    assert torch.equal(model.embed(support), model(support))  # training sees each image once
+    with pytest.raises(ValueError, match="tta_shift=-1"):
+        ProtoNet(tta_shift=-1)
+
+
 def test_fast_config_fits_tests_within_alphabet_and_resumes(small_sets, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     common = ["-c", str(ROOT / "configs" / "omniglot" / "fast.yaml"), "--data.init_args.data_dir", str(small_sets),
@@ -177,7 +219,7 @@ def test_fast_config_fits_tests_within_alphabet_and_resumes(small_sets, tmp_path
     length = ["--model.init_args.lr_scheduler.init_args.total_steps", "6"]  # the resumed run's, set from the start
     cli = main(["fit", *common, *length, "--trainer.max_epochs", "1"])
     assert cli.datamodule.hparams.test_within_alphabet and cli.datamodule.augment.rotation_range > 0
-    assert cli.datamodule.hparams.train_within_alphabet
+    assert cli.datamodule.hparams.train_within_alphabet and cli.model.tta_shift == 2
     assert cli.trainer.callback_metrics["test/episodes"] == 4 and 0 <= cli.trainer.callback_metrics["test/acc"] <= 1
     last = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 3
