@@ -21,6 +21,7 @@ through :mod:`compat` (``tests/test_compat.py`` fails if Lightning changes the w
 from __future__ import annotations
 
 import csv
+import importlib
 import os
 import shutil
 import warnings
@@ -48,6 +49,7 @@ __all__ = [
     "RunError",
     "RunLock",
     "check_model",
+    "evaluation_hparams",
     "find_checkpoint",
     "name_loggers",
     "open_run",
@@ -172,6 +174,16 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): tree}
 
 
+def evaluation_hparams(class_path: str | None) -> tuple[str, ...]:
+    """The hyperparameters a model class lists in ``evaluation_hparams``: they change only how it evaluates (e.g.
+    test-time augmentation), so a validate/test/predict may set them for a checkpoint trained with other values."""
+    module, _, name = (class_path or "").rpartition(".")
+    try:
+        return tuple(getattr(getattr(importlib.import_module(module), name), "evaluation_hparams", ()))
+    except (ImportError, AttributeError, ValueError):
+        return ()
+
+
 def check_model(
     path: Path, checkpoint: dict[str, Any], model: dict[str, Any], subcommand: str
 ) -> dict[str, Any] | None:
@@ -180,7 +192,7 @@ def check_model(
     Raises :class:`RunError` when the classes differ, or when a resumed ``fit`` asks for other hyperparameters
     (its weights and optimiser state, restored as saved, would not match, and config.yaml would not tell what
     ran). For ``validate``/``test``/``predict`` returns the checkpoint's hyperparameters to build the model from
-    when they differ (with a note), else None.
+    when they differ (with a note), else None; the class's :func:`evaluation_hparams` keep the config's values.
     """
     saved = dict(checkpoint.get("hyper_parameters") or {})
     saved.pop("_instantiator", None)
@@ -192,7 +204,8 @@ def check_model(
             "checkpoint trained with this config."
         )
     ours, theirs = _flat(model.get("init_args") or {}), _flat(saved)
-    differ = [key for key in ours if key in theirs and ours[key] != theirs[key]]
+    free = evaluation_hparams(saved_class or config_class) if subcommand != "fit" else ()
+    differ = [key for key in ours if key in theirs and ours[key] != theirs[key] and key not in free]
     if not differ:
         return None
     listing = "; ".join(f"{key}: {theirs[key]!r} in the checkpoint, {ours[key]!r} here" for key in differ)
@@ -205,7 +218,7 @@ def check_model(
             "a new run without --ckpt_path."
         )
     rank_zero_info(f"The model is built with the checkpoint's hyperparameters ({listing}).")
-    return {"class_path": saved_class or config_class, "dict_kwargs": saved}
+    return {"class_path": saved_class or config_class, "dict_kwargs": saved | {k: ours[k] for k in free if k in ours}}
 
 
 def _config_of(path: Path) -> Path:

@@ -195,6 +195,8 @@ class AirbenchClassifier(SupervisedModule):
             apply: the recipe builds its own.
     """
 
+    evaluation_hparams = ("tta_level",)  # a test may set it for a checkpoint trained with another level
+
     def __init__(
         self,
         num_classes: int = 10,

@@ -223,6 +223,8 @@ class ProtoNet(FewShotModule):
     episode's (as in Snell et al.'s code); evaluation uses the running statistics.
     """
 
+    evaluation_hparams = ("tta_shift",)  # a test may set it for a checkpoint trained with another value
+
     def __init__(
         self,
         filters: int | list[int] = 64,

@@ -227,6 +227,12 @@ def test_fast_config_fits_tests_within_alphabet_and_resumes(small_sets, tmp_path
     cli = main(["fit", *common, *length, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
     assert cli.trainer.global_step == 6 and cli.trainer.current_epoch == 2
     assert Path(cli.trainer.log_dir) == last.parents[1]
+    # A test may change the test-time shifts of a trained checkpoint; what shapes the weights comes from it.
+    test = main(["test", *common, "--ckpt_path", "last", "--model.init_args.tta_shift", "0"])
+    assert test.model.tta_shift == 0 and "test/acc" in test.trainer.callback_metrics
+    wider = ["--model.init_args.filters", "[8, 16, 16, 64]", "--model.init_args.tta_shift", "1"]
+    test = main(["test", *common, "--ckpt_path", str(last), *wider])
+    assert test.model.tta_shift == 1 and test.model.hparams.filters == [8, 16, 16, 32]
     # Without total_steps (the config's way), the one-cycle schedule spans the run: epochs x training episodes.
     cli = main(["fit", *common, "--trainer.max_epochs", "2", "--experiment", "auto_length"])
     assert cli.trainer.lr_scheduler_configs[0].scheduler.total_steps == 2 * 3 == cli.trainer.global_step

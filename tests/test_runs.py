@@ -24,7 +24,7 @@ from train import main
 
 from callbacks.guards import NonFiniteLossError
 from callbacks.slurm import JobRequeued
-from lifecycle.runs import RunError, RunLock
+from lifecycle.runs import RunError, RunLock, check_model, evaluation_hparams
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP = ROOT / "configs" / "mnist" / "mlp.yaml"
@@ -158,6 +158,18 @@ def test_evaluation_builds_the_model_the_checkpoint_holds(mnist_dir, caplog):
     test = main(["test", "-c", str(MLP), "--data.init_args.data_dir", str(mnist_dir), "--ckpt_path", "last"])
     assert test.model.hparams.hidden_units == [32]  # the config says [256, 256]
     assert "test/acc" in test.trainer.callback_metrics
+
+
+def test_evaluation_may_change_only_what_the_model_marks_evaluation_only():
+    saved = {"hyper_parameters": {"_class_path": "lightning_modules.few_shot.ProtoNet", "filters": 64, "tta_shift": 2}}
+    config = {"class_path": "lightning_modules.few_shot.ProtoNet", "init_args": {"filters": 64, "tta_shift": 0}}
+    assert evaluation_hparams("lightning_modules.airbench.AirbenchClassifier") == ("tta_level",)
+    assert evaluation_hparams("no.such.Module") == ()
+    assert check_model(Path("a.ckpt"), saved, config, "test") is None  # built from the config: tta_shift 0
+    wider = {**config, "init_args": {"filters": 128, "tta_shift": 0}}
+    assert check_model(Path("a.ckpt"), saved, wider, "predict")["dict_kwargs"] == {"filters": 64, "tta_shift": 0}
+    with pytest.raises(RunError, match="tta_shift: 2 in the checkpoint, 0 here"):  # a resumed fit keeps its run's
+        check_model(Path("a.ckpt"), saved, config, "fit")
 
 
 # ---- 7. leftovers of killed saves --------------------------------------------------------------------------------
