@@ -19,12 +19,28 @@ from torch.utils.data import Dataset
 from datamodules.loaders import ResumableSampler
 from datamodules.omniglot_images import CharacterImages
 
+SYMMETRIES = 8  # of a square image: 4 quarter turns, each of the image or of its mirror image
+
+
+def dihedral(images: Tensor, k: int) -> Tensor:
+    """Symmetry ``k`` (0-7) of ``(..., H, W)`` square images: ``k % 4`` quarter turns (counter-clockwise), of the
+    left-right mirror image when ``k >= 4``; 0 is the identity."""
+    if not 0 <= k < SYMMETRIES:
+        raise ValueError(f"symmetry {k}: choose 0-3 (quarter turns) or 4-7 (the same turns of the mirror image).")
+    return torch.rot90(images.flip(-1) if k >= 4 else images, k % 4, dims=(-2, -1))
+
+
+def symmetry_ids(rotations: bool, mirrors: bool) -> tuple[int, ...]:
+    """The symmetries (:func:`dihedral` numbers) that ``rotations`` and ``mirrors`` allow; ``(0,)`` for neither."""
+    return tuple(k for k in range(SYMMETRIES) if (rotations or k % 4 == 0) and (mirrors or k < 4))
+
 
 class EpisodeDataset(Dataset):
     """Episodes drawn from a pool of classes; an episode is a function of ``(seed, epoch, index)``.
 
-    A class is a ``(character, quarter turns)`` pair: with rotations, a character rotated by 90/180/270 degrees
-    is a new class, and all its drawings in the episode (support and query) are rotated alike.
+    A class is a ``(character, symmetry)`` pair (see :func:`dihedral`): with rotations, a character rotated by
+    90/180/270 degrees (and, with mirrors, its mirror image turned likewise) is a new class, and all its drawings in
+    the episode (support and query) are transformed alike.
 
     Keys come from :class:`EpisodeSampler`; ``__getitems__`` receives a one-key batch and returns one episode::
 
@@ -32,7 +48,7 @@ class EpisodeDataset(Dataset):
         support_labels  int64 (way * shot,)           in [0, way)
         query           uint8 (way * query, C, H, W)
         query_labels    int64 (way * query,)
-        classes         int64 (way, 2)                (character index, quarter turns) of each episode class
+        classes         int64 (way, 2)                (character index, symmetry) of each episode class
         episode         int64 ()                      the episode number (tells padded DDP repeats apart)
     """
 
@@ -48,12 +64,12 @@ class EpisodeDataset(Dataset):
     ) -> None:
         self.table, self.classes = table, classes
         self.way, self.shot, self.query, self.episodes, self.stream = way, shot, query, episodes, stream
-        # The rotated copies are made once (x4 memory of this split, 60 MB for all of Omniglot's background set):
-        # an episode is then a single gather from (turns, N, C, H, W), with no per-episode image work.
+        # The transformed copies are made once (x4 memory of this split with rotations, 60 MB for all of Omniglot's
+        # background set; x8 with mirrors): an episode is then a single gather from (symmetries, N, C, H, W), with
+        # no per-episode image work.
         turns = int(classes[:, 1].max()) + 1 if len(classes) else 1
-        images = table.images
-        self.views = torch.stack([torch.rot90(images, k, dims=(-2, -1)) if k else images for k in range(turns)])
-        self.views = self.views.flatten(0, 1)  # row = turn * N + image
+        self.views = torch.stack([dihedral(table.images, k) for k in range(turns)])
+        self.views = self.views.flatten(0, 1)  # row = symmetry * N + image
 
     def __len__(self) -> int:
         return self.episodes
@@ -84,7 +100,8 @@ class WithinAlphabetEpisodes(EpisodeDataset):
     """Lake et al.'s (2015) one-shot classification runs: every episode's classes come from ONE alphabet, the
     support drawings from ``shot`` drawers and the queries from ``query`` other drawers (the same drawers for all
     the episode's characters). With ``rotations`` (training episodes) a whole episode is turned by a random multiple
-    of 90 degrees; otherwise it is never rotated.
+    of 90 degrees, and with ``mirrors`` mirrored in half of the episodes (:func:`dihedral`); otherwise it is kept as
+    drawn.
 
     Episode ``i`` uses alphabet ``eligible[i % len(eligible)]`` (so every eligible alphabet gets the same number of
     runs) and a seeded draw of ``way`` of its characters and of the drawers. Alphabets with fewer than ``way``
@@ -101,9 +118,11 @@ class WithinAlphabetEpisodes(EpisodeDataset):
         episodes: int,
         stream: int = 0,
         rotations: bool = False,
+        mirrors: bool = False,
     ) -> None:
-        n, self.turns = len(table.characters), 4 if rotations else 1
-        classes = torch.stack([torch.arange(n).repeat(self.turns), torch.arange(self.turns).repeat_interleave(n)], 1)
+        n, self.symmetries = len(table.characters), torch.tensor(symmetry_ids(rotations, mirrors))
+        count = len(self.symmetries)
+        classes = torch.stack([torch.arange(n).repeat(count), self.symmetries.repeat_interleave(n)], 1)
         super().__init__(table, classes, way, shot, query, episodes, stream)
         if table.drawers is None:
             raise ValueError("within-alphabet episodes need the drawer of every drawing (CharacterImages.drawers)")
@@ -140,7 +159,8 @@ class WithinAlphabetEpisodes(EpisodeDataset):
             )
         drawers = common[torch.from_numpy(rng.choice(len(common), per_class, replace=False))]
         picked = rows[:, drawers]  # (way, shot + query): support drawers first, then query drawers
-        turn = int(rng.integers(self.turns)) if self.turns > 1 else 0  # drawn last: the draws above never change
+        # drawn last, so that the draws above never depend on it
+        turn = int(self.symmetries[rng.integers(len(self.symmetries))]) if len(self.symmetries) > 1 else 0
         picked = picked + turn * len(self.table.images)
         classes = torch.stack([characters, torch.full_like(characters, turn)], 1)
         return episode_batch(self.views, picked, self.shot, self.query, classes, index)

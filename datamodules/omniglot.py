@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.augment import BatchAugment
 from datamodules.base import CorruptDataError, DataNotFoundError, EvalLoaders, default_data_dir
-from datamodules.episodes import EpisodeDataset, EpisodeSampler, WithinAlphabetEpisodes
+from datamodules.episodes import EpisodeDataset, EpisodeSampler, WithinAlphabetEpisodes, symmetry_ids
 from datamodules.loaders import slicing_loader, trainer_shard, training_seed
 from datamodules.omniglot_images import (  # noqa: F401  (load_image, CharacterImages: still importable from here)
     CharacterImages,
@@ -99,6 +99,9 @@ class OmniglotDataModule(EvalLoaders, pl.LightningDataModule):
         invert: Strokes bright on a dark background (see :func:`~datamodules.omniglot_images.load_image`).
         rotations: Rotated training characters as new classes (x4 training classes); with
             ``train_within_alphabet``, a random quarter turn of each whole training episode instead.
+        mirrors: Mirrored training characters as new classes too (x2 more); with ``train_within_alphabet``, half of
+            the training episodes mirrored as a whole. A mirrored alphabet is as plausible an alphabet as a turned
+            one; with both, a model can be tested on all 8 symmetries of a run (``ProtoNet(tta_symmetries=8)``).
         train_way, train_shot, train_query: N, K and queries per class of training episodes (Snell et al.
             train with more classes than they test: 60-way, 5 queries, shot as at test time).
         train_episodes: Training episodes per epoch (over all processes: each of W ranks draws 1/W of them).
@@ -138,6 +141,7 @@ class OmniglotDataModule(EvalLoaders, pl.LightningDataModule):
         image_size: int = 28,
         invert: bool = True,
         rotations: bool = True,
+        mirrors: bool = False,
         train_way: int = 60,
         train_shot: int = 1,
         train_query: int = 5,
@@ -316,12 +320,13 @@ class OmniglotDataModule(EvalLoaders, pl.LightningDataModule):
         if split == "val" and (not table.characters or episodes == 0):
             return None
         n = len(table.characters)
-        turns = (0, 1, 2, 3) if train and hp.rotations else (0,)
+        turns = symmetry_ids(hp.rotations, hp.mirrors) if train else (0,)
         classes = torch.tensor([(c, k) for k in turns for c in range(n)], dtype=torch.long).view(-1, 2)
         if len(classes) < way:
             raise ValueError(
                 f"The {split} pool has {len(classes)} classes ({n} characters"
-                f"{' x 4 rotations' if len(turns) > 1 else ''}) but {split} episodes are {way}-way. Lower "
+                f"{f' x {len(turns)} symmetries' if len(turns) > 1 else ''}) but {split} episodes are {way}-way. "
+                "Lower "
                 f"{'train' if train else 'test'}_way, or give this split "
                 "more characters (val_alphabets / val_classes / test_classes, or a larger tree)."
             )
@@ -334,8 +339,8 @@ class OmniglotDataModule(EvalLoaders, pl.LightningDataModule):
             )
         self.pools[split] = list(table.characters)
         if hp.train_within_alphabet if train else hp.test_within_alphabet:
-            rotations = train and hp.rotations
-            dataset = WithinAlphabetEpisodes(table, way, shot, query, episodes, STREAMS[split], rotations)
+            rotations, mirrors = train and hp.rotations, train and hp.mirrors
+            dataset = WithinAlphabetEpisodes(table, way, shot, query, episodes, STREAMS[split], rotations, mirrors)
             if dataset.skipped:
                 rank_zero_warn(
                     f"{split} episodes are {way}-way within one alphabet: skipping the {split} alphabets "

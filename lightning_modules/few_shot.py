@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 from typing import Literal
 
 import pytorch_lightning as pl
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 
 from lightning_modules.base import check_input_shape
 from lightning_modules.optim import SchedulerInterval, optimizers_from_factories, run_total_steps
-from lightning_modules.tta import shift_averaged
+from lightning_modules.tta import SYMMETRY_COUNTS, shift_averaged, symmetry_concatenated
 
 Episode = dict[str, Tensor]
 
@@ -217,13 +218,18 @@ class ProtoNet(FewShotModule):
         tta_shift: Test-time augmentation at validation, test and predict: every image (support and query) is
             embedded as the mean embedding of its copies shifted by up to this many pixels in x and y
             (``(2 * tta_shift + 1) ** 2`` views; 0, the default, embeds the image alone). Training is unchanged.
+        tta_symmetries: Test-time views of the whole episode at validation, test and predict: 1 (the default) the
+            episode as drawn; 4 its four quarter turns; 8 those and the same turns of its mirror image. Support and
+            query are turned alike and the distances are averaged over the views
+            (:func:`~lightning_modules.tta.symmetry_concatenated`): an ensemble for a model trained on turned (and
+            mirrored) episodes, e.g. Omniglot's ``rotations`` and ``mirrors``. Each view costs one more pass.
         **kwargs: ``num_classes``, ``input_shape``: see :class:`FewShotModule`.
 
     Support and query images go through the encoder in one batch, so BatchNorm's training statistics are the
     episode's (as in Snell et al.'s code); evaluation uses the running statistics.
     """
 
-    evaluation_hparams = ("tta_shift",)  # a test may set it for a checkpoint trained with another value
+    evaluation_hparams = ("tta_shift", "tta_symmetries")  # a test may set them for a checkpoint trained otherwise
 
     def __init__(
         self,
@@ -233,13 +239,19 @@ class ProtoNet(FewShotModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: SchedulerInterval = "auto",
         tta_shift: int = 0,
+        tta_symmetries: int = 1,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         if tta_shift < 0:
             raise ValueError(f"tta_shift={tta_shift}: a number of pixels, 0 (no test-time augmentation) or more.")
+        if tta_symmetries not in SYMMETRY_COUNTS:
+            raise ValueError(
+                f"tta_symmetries={tta_symmetries}: choose 1 (the episode as drawn), 4 (its quarter turns) or 8 "
+                "(the quarter turns of the episode and of its mirror image)."
+            )
         self.save_hyperparameters()
-        self.tta_shift = tta_shift
+        self.tta_shift, self.tta_symmetries = tta_shift, tta_symmetries
         self.encoder = ProtoNetEncoder(self.input_shape[0], filters, blocks)
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
@@ -250,8 +262,12 @@ class ProtoNet(FewShotModule):
         return self.encoder(images)
 
     def embed(self, images: Tensor) -> Tensor:
-        """Embeddings of images; in eval mode averaged over shifted copies when ``tta_shift`` > 0."""
-        return self(images) if self.training else shift_averaged(self, images, self.tta_shift)
+        """Embeddings of images; in eval mode averaged over shifted copies when ``tta_shift`` > 0, and those of the
+        ``tta_symmetries`` views concatenated."""
+        if self.training:
+            return self(images)
+        shifted = partial(shift_averaged, self, radius=self.tta_shift)
+        return symmetry_concatenated(shifted, images, self.tta_symmetries)
 
     def logits(self, episode: Episode) -> Tensor:
         support, query = episode["support"], episode["query"]

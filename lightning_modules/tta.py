@@ -5,17 +5,20 @@ level 1 plus half the mean of level 1 over two one-pixel diagonal shifts (up-lef
 i.e. six views. Everything runs on the batch's device, one forward pass per view.
 
 Embeddings (few-shot): :func:`shift_averaged` averages over every shift within a radius, without mirrors (a mirrored
-character can be another character).
+character can be another character); :func:`symmetry_concatenated` turns (and mirrors) a whole episode, every image
+alike, and concatenates the embeddings of its views, so that distances average over the views.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 TTA_LEVELS = (0, 1, 2)
+SYMMETRY_COUNTS = (1, 4, 8)  # the identity; the 4 quarter turns; the 4 quarter turns of the image and of its mirror
 
 
 def mirror_logits(net: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
@@ -61,4 +64,29 @@ def shift_averaged(net: Callable[[Tensor], Tensor], images: Tensor, radius: int 
     return total / len(offsets) ** 2
 
 
-__all__ = ["TTA_LEVELS", "mirror_logits", "shift_averaged", "shifted_views", "tta_logits"]
+def symmetry_concatenated(embed: Callable[[Tensor], Tensor], images: Tensor, count: int = 4) -> Tensor:
+    """``embed`` of the first ``count`` symmetries of ``images`` (quarter turns 0-3 counter-clockwise, then the same
+    turns of the left-right mirror image), concatenated along the features and scaled by ``count ** -0.5``.
+
+    Apply it to every image of an episode, support and query alike: the squared distance between two such
+    embeddings is then the mean of the squared distances of the views, i.e. an ensemble of ``count`` views of the
+    whole episode in which a character and its match are always turned alike. It helps a network trained on turned
+    (and mirrored) episodes, for which each view is an episode of a plausible alphabet.
+    """
+    if count not in SYMMETRY_COUNTS:
+        raise ValueError(
+            f"symmetries={count}: choose 1 (none), 4 (quarter turns) or 8 (quarter turns of the image and its mirror)."
+        )
+    views = [torch.rot90(images.flip(-1) if k >= 4 else images, k % 4, dims=(-2, -1)) for k in range(count)]
+    return torch.cat([embed(view) for view in views], -1) * count**-0.5
+
+
+__all__ = [
+    "SYMMETRY_COUNTS",
+    "TTA_LEVELS",
+    "mirror_logits",
+    "shift_averaged",
+    "shifted_views",
+    "symmetry_concatenated",
+    "tta_logits",
+]

@@ -13,6 +13,7 @@ from omniglot_fakes import write_tree
 from train import main
 
 from datamodules.augment import BatchAugment
+from datamodules.episodes import dihedral, symmetry_ids
 from datamodules.omniglot import OmniglotDataModule
 from datamodules.omniglot_images import drawer_of
 from lightning_modules.few_shot import ProtoNet, ProtoNetEncoder, prototypes, squared_euclidean
@@ -117,6 +118,33 @@ def test_within_alphabet_training_episodes_turn_whole_episodes(small_sets):
         datamodule(small_sets, test_alphabets=["Delta"], train_within_alphabet=True, train_way=8).setup("fit")
 
 
+def test_mirrors_add_the_mirrored_symmetries_of_whole_episodes(small_sets):
+    assert symmetry_ids(True, True) == tuple(range(8)) and symmetry_ids(False, True) == (0, 4)
+    assert symmetry_ids(True, False) == (0, 1, 2, 3) and symmetry_ids(False, False) == (0,)
+    image = torch.arange(6.0).view(1, 1, 2, 3)
+    assert torch.equal(dihedral(image, 4), image.flip(-1)) and torch.equal(dihedral(image, 0), image)
+    assert torch.equal(dihedral(image, 5), torch.rot90(image.flip(-1), 1, dims=(-2, -1)))
+    with pytest.raises(ValueError, match="symmetry 8"):
+        dihedral(image, 8)
+    dm = datamodule(small_sets, test_alphabets=["Delta"], train_within_alphabet=True, train_way=5, mirrors=True)
+    dm.setup("fit")
+    dataset, images = dm.train_set, dm.train_set.table.images
+    seen = set()
+    for index in range(len(dataset)):
+        episode = dataset.episode(3, 0, index)
+        symmetry = int(episode["classes"][0, 1])
+        seen.add(symmetry)
+        character = int(episode["classes"][0, 0])
+        drawings = images[dataset.table.offsets[character] : dataset.table.offsets[character] + 20]
+        support = episode["support"][0]  # a drawing of the first class, transformed by the episode's symmetry
+        assert any(torch.equal(support, dihedral(drawing, symmetry)) for drawing in drawings)
+    assert seen & {4, 5, 6, 7}  # some episodes are mirrored
+    # Across alphabets, mirrored characters are new classes: 8 per character.
+    across = datamodule(small_sets, test_alphabets=["Delta"], mirrors=True)
+    across.setup("fit")
+    assert len(across.train_set.classes) == 8 * len(across.train_set.table.characters)
+
+
 def test_held_out_alphabets_never_reach_training(small_sets):
     dm = datamodule(small_sets, test_alphabets=["Gamma"])
     dm.setup("fit")
@@ -206,6 +234,27 @@ def test_protonet_averages_embeddings_over_shifts_only_at_evaluation():
     assert torch.equal(model.embed(support), model(support))  # training sees each image once
     with pytest.raises(ValueError, match="tta_shift=-1"):
         ProtoNet(tta_shift=-1)
+
+
+def test_protonet_averages_distances_over_the_symmetries_of_the_episode():
+    torch.manual_seed(0)
+    model = ProtoNet(num_classes=3, filters=[4, 8, 8, 8], tta_symmetries=8).eval()
+    support, query, labels = torch.rand(3, 1, 28, 28), torch.rand(6, 1, 28, 28), torch.arange(3)
+    episode = {"support": support, "support_labels": labels, "query": query, "query_labels": torch.arange(6) % 3}
+    with torch.no_grad():
+        # the mean over the 8 views (support and query turned/mirrored alike) of each view's squared distances
+        views = [(dihedral(support, k), dihedral(query, k)) for k in range(8)]
+        distances = [squared_euclidean(model(q), prototypes(model(s), labels, 3)) for s, q in views]
+        torch.testing.assert_close(model.logits(episode), -torch.stack(distances).mean(0))
+        model.tta_symmetries = 4
+        torch.testing.assert_close(model.logits(episode), -torch.stack(distances[:4]).mean(0))
+        model.tta_symmetries = 1
+        torch.testing.assert_close(model.logits(episode), -distances[0])
+    model.train()
+    model.tta_symmetries = 8
+    assert torch.equal(model.embed(support), model(support))  # training is unchanged
+    with pytest.raises(ValueError, match="tta_symmetries=2"):
+        ProtoNet(tta_symmetries=2)
 
 
 def test_fast_config_fits_tests_within_alphabet_and_resumes(small_sets, tmp_path, monkeypatch):
