@@ -268,7 +268,7 @@ def test_fast_config_fits_tests_within_alphabet_and_resumes(small_sets, tmp_path
     length = ["--model.init_args.lr_scheduler.init_args.total_steps", "6"]  # the resumed run's, set from the start
     cli = main(["fit", *common, *length, "--trainer.max_epochs", "1"])
     assert cli.datamodule.hparams.test_within_alphabet and cli.datamodule.augment.rotation_range > 0
-    assert cli.datamodule.hparams.train_within_alphabet and cli.model.tta_shift == 2
+    assert cli.datamodule.hparams.train_within_alphabet and cli.model.tta_symmetries == 8
     assert cli.trainer.callback_metrics["test/episodes"] == 4 and 0 <= cli.trainer.callback_metrics["test/acc"] <= 1
     last = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 3
@@ -276,9 +276,9 @@ def test_fast_config_fits_tests_within_alphabet_and_resumes(small_sets, tmp_path
     cli = main(["fit", *common, *length, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
     assert cli.trainer.global_step == 6 and cli.trainer.current_epoch == 2
     assert Path(cli.trainer.log_dir) == last.parents[1]
-    # A test may change the test-time shifts of a trained checkpoint; what shapes the weights comes from it.
-    test = main(["test", *common, "--ckpt_path", "last", "--model.init_args.tta_shift", "0"])
-    assert test.model.tta_shift == 0 and "test/acc" in test.trainer.callback_metrics
+    # A test may change the test-time views of a trained checkpoint; what shapes the weights comes from it.
+    test = main(["test", *common, "--ckpt_path", "last", "--model.init_args.tta_symmetries", "1"])
+    assert test.model.tta_symmetries == 1 and "test/acc" in test.trainer.callback_metrics
     wider = ["--model.init_args.filters", "[8, 16, 16, 64]", "--model.init_args.tta_shift", "1"]
     test = main(["test", *common, "--ckpt_path", str(last), *wider])
     assert test.model.tta_shift == 1 and test.model.hparams.filters == [8, 16, 16, 32]
