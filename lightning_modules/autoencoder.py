@@ -37,7 +37,7 @@ from lightning_modules.layers import (
     batch_norm_of_old_checkpoint,
     keras_init_,
 )
-from lightning_modules.optim import SchedulerInterval, optimizers_from_factories
+from lightning_modules.optim import SchedulerInterval, SharedFactory, optimizers_from_factories
 
 AETask = Literal["reconstruct", "denoise", "colorize"]
 BlockStyle = Literal["strided", "bn_pool"]
@@ -224,8 +224,8 @@ class AutoEncoder(pl.LightningModule):
         self.input_shape = input_shape
         self.num_classes = num_classes
         self.latent_dim = latent_dim
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = lr_scheduler
+        self.optimizer_factory = SharedFactory.wrap(optimizer)
+        self.scheduler_factory = SharedFactory.wrap(lr_scheduler)
         in_channels = 1 if task == "colorize" else input_shape[0]
         self.encoder = Encoder(in_channels, filters, kernel_size, latent_dim, input_shape[1:], block, batch_norm)
         self.decoder = Decoder(

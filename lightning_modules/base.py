@@ -22,7 +22,7 @@ from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
 from lightning_modules.layers import KERNEL_LAYERS, InitName, keras_init_
 from lightning_modules.losses import LOSSES, LossName, Task, balanced_class_weights, task_loss, training_class_counts
-from lightning_modules.optim import SchedulerInterval, optimizers_from_factories, run_total_steps
+from lightning_modules.optim import SchedulerInterval, SharedFactory, optimizers_from_factories, run_total_steps
 
 
 def warn_if_narrow(widths: Sequence[int], num_classes: int, where: str) -> None:
@@ -151,8 +151,8 @@ class SupervisedModule(pl.LightningModule):
         self.task = task
         self.num_classes = num_classes
         self.input_shape = tuple(input_shape)
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = lr_scheduler
+        self.optimizer_factory = SharedFactory.wrap(optimizer)
+        self.scheduler_factory = SharedFactory.wrap(lr_scheduler)
         self.example_input_array = torch.zeros(2, *self.input_shape)
         # Per stage: metric objects and the batch-size weighted mean loss, updated every step and logged once per
         # epoch (see _step).

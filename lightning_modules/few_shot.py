@@ -31,7 +31,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_modules.base import check_input_shape
-from lightning_modules.optim import SchedulerInterval, optimizers_from_factories, run_total_steps
+from lightning_modules.optim import SchedulerInterval, SharedFactory, optimizers_from_factories, run_total_steps
 from lightning_modules.tta import SYMMETRY_COUNTS, shift_averaged, symmetry_concatenated
 
 Episode = dict[str, Tensor]
@@ -253,8 +253,8 @@ class ProtoNet(FewShotModule):
         self.save_hyperparameters()
         self.tta_shift, self.tta_symmetries = tta_shift, tta_symmetries
         self.encoder = ProtoNetEncoder(self.input_shape[0], filters, blocks)
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = lr_scheduler
+        self.optimizer_factory = SharedFactory.wrap(optimizer)
+        self.scheduler_factory = SharedFactory.wrap(lr_scheduler)
         self.example_input_array = torch.zeros(2, *self.input_shape)
 
     def forward(self, images: Tensor) -> Tensor:

@@ -41,6 +41,7 @@ from lightning_modules.layers import (
     batch_norm_of_old_checkpoint,
     keras_init_,
 )
+from lightning_modules.optim import SharedFactory
 
 
 class Generator(nn.Module):
@@ -193,8 +194,8 @@ class GAN(pl.LightningModule):
         self.num_classes = num_classes
         self.input_shape = tuple(input_shape)
         self.latent_dim = latent_dim
-        self.d_optimizer_factory = d_optimizer or rmsprop(2e-4)
-        self.g_optimizer_factory = g_optimizer or rmsprop(1e-4)
+        self.d_optimizer_factory = SharedFactory.wrap(d_optimizer or rmsprop(2e-4))
+        self.g_optimizer_factory = SharedFactory.wrap(g_optimizer or rmsprop(1e-4))
         cond = num_classes if conditional else 0
         self.generator = Generator(latent_dim, input_shape, g_filters, g_strides, kernel_size, cond, batch_norm)
         self.discriminator = Discriminator(input_shape, d_filters, d_strides, kernel_size, negative_slope, cond)

@@ -5,7 +5,8 @@ the YAML); :func:`optimizers_from_factories` turns them into ``configure_optimiz
 :func:`scheduler_step_interval` decides whether the scheduler steps after every training step or every epoch.
 A ``OneCycleLR`` given neither ``total_steps`` nor ``epochs`` gets the run's length (``total_steps`` = the trainer's
 ``estimated_stepping_batches``), so the cycle follows ``max_epochs``, the data size, ``accumulate_grad_batches`` and
-the number of devices without arithmetic in the config.
+the number of devices without arithmetic in the config. Modules keep their factories wrapped in :class:`SharedFactory`,
+so that a copy of a module (weight averaging) shares them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch.optim.lr_scheduler import CyclicLR, LinearLR, LRScheduler, OneCycleLR
 __all__ = [
     "PER_STEP_SCHEDULERS",
     "SchedulerInterval",
+    "SharedFactory",
     "build_scheduler",
     "optimizers_from_factories",
     "run_total_steps",
@@ -32,6 +34,33 @@ SchedulerInterval = Literal["auto", "step", "epoch"]
 # Schedulers whose lengths count training steps: OneCycleLR's total_steps, CyclicLR's step_size_up, and a LinearLR
 # warm-up's total_iters as modern recipes use it.
 PER_STEP_SCHEDULERS = (OneCycleLR, CyclicLR, LinearLR)
+
+
+class SharedFactory:
+    """An optimiser or scheduler factory that copies of its module share instead of copying.
+
+    LightningCLI builds ``--model.init_args.optimizer`` as a partial around a jsonargparse instantiator that holds a
+    lock, so ``copy.deepcopy(model)`` failed with "cannot pickle '_thread.lock' object"; Lightning's
+    ``EMAWeightAveraging``/``WeightAveraging`` and ``StochasticWeightAveraging`` copy the model that way
+    (``torch.optim.swa_utils.AveragedModel``). A factory is configuration, not state: a copy may share it.
+    """
+
+    def __init__(self, factory: Callable) -> None:
+        self.factory = factory
+
+    def __call__(self, *args, **kwargs):
+        return self.factory(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> SharedFactory:
+        return self
+
+    def __repr__(self) -> str:
+        return f"SharedFactory({self.factory!r})"
+
+    @classmethod
+    def wrap(cls, factory: Callable | None) -> SharedFactory | None:
+        """``factory`` wrapped (once); ``None`` stays ``None`` (no scheduler)."""
+        return factory if factory is None or isinstance(factory, cls) else cls(factory)
 
 
 def scheduler_step_interval(scheduler: object, interval: SchedulerInterval = "auto") -> str:

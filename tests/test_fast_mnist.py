@@ -3,6 +3,7 @@ every batch over exactly the run, BatchNorm, label smoothing; it learns, runs th
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -175,3 +176,16 @@ def test_resume_from_last_ckpt_finishes_the_uninterrupted_run(mnist_dir, tmp_pat
     assert resumed.trainer.lr_scheduler_configs[0].scheduler.total_steps == 6
     for name, weight in reference.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[name], weight), f"{name} differs from the uninterrupted run"
+
+
+def test_lightnings_weight_averaging_can_copy_a_cli_built_model(mnist_dir):
+    # LightningCLI's optimiser/scheduler factories hold a lock; EMAWeightAveraging deep-copies the model, which used
+    # to fail with "cannot pickle '_thread.lock' object". The copy now shares the factories.
+    ema = ["--trainer.callbacks+=pytorch_lightning.callbacks.EMAWeightAveraging", "--trainer.callbacks.decay", "0.5"]
+    cli = main(["fit", *fast_args(mnist_dir, "--trainer.max_epochs", "3", *ema)])
+    assert cli.trainer.state.finished and torch.isfinite(cli.trainer.callback_metrics["test/loss"])
+    twin = copy.deepcopy(cli.model)
+    assert twin.optimizer_factory is cli.model.optimizer_factory
+    assert twin.scheduler_factory is cli.model.scheduler_factory
+    assert all(torch.equal(a, b) for a, b in zip(twin.parameters(), cli.model.parameters(), strict=True))
+    assert next(twin.parameters()).data_ptr() != next(cli.model.parameters()).data_ptr()
