@@ -250,6 +250,11 @@ class ProtoNet(FewShotModule):
                 f"tta_symmetries={tta_symmetries}: choose 1 (the episode as drawn), 4 (its quarter turns) or 8 "
                 "(the quarter turns of the episode and of its mirror image)."
             )
+        if tta_symmetries > 1 and self.input_shape[-1] != self.input_shape[-2]:
+            raise ValueError(
+                f"tta_symmetries={tta_symmetries} turns images by quarter turns, which needs square images; "
+                f"input_shape is {list(self.input_shape)}. Use tta_symmetries 1, or resize the images to a square."
+            )
         self.save_hyperparameters()
         self.tta_shift, self.tta_symmetries = tta_shift, tta_symmetries
         self.encoder = ProtoNetEncoder(self.input_shape[0], filters, blocks)

@@ -255,6 +255,8 @@ def test_protonet_averages_distances_over_the_symmetries_of_the_episode():
     assert torch.equal(model.embed(support), model(support))  # training is unchanged
     with pytest.raises(ValueError, match="tta_symmetries=2"):
         ProtoNet(tta_symmetries=2)
+    with pytest.raises(ValueError, match=r"square images; input_shape is \[1, 28, 32\]"):
+        ProtoNet(tta_symmetries=4, input_shape=(1, 28, 32))
 
 
 def test_fast_config_fits_tests_within_alphabet_and_resumes(small_sets, tmp_path, monkeypatch):
