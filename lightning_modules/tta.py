@@ -77,6 +77,9 @@ def symmetry_concatenated(embed: Callable[[Tensor], Tensor], images: Tensor, cou
         raise ValueError(
             f"symmetries={count}: choose 1 (none), 4 (quarter turns) or 8 (quarter turns of the image and its mirror)."
         )
+    if count == 1:
+        return embed(images)
+    # the numbering of datamodules.episodes.dihedral, which turns training episodes
     views = [torch.rot90(images.flip(-1) if k >= 4 else images, k % 4, dims=(-2, -1)) for k in range(count)]
     return torch.cat([embed(view) for view in views], -1) * count**-0.5
 
