@@ -4,8 +4,8 @@ A run is ``<save_dir>/<name>/version_N/``, the folder its CSV and TensorBoard lo
 run_info.yaml, metrics.csv, events, checkpoints/, pictures). ``scripts/train.py`` drives it in this order:
 
 1. :func:`find_checkpoint` turns ``--ckpt_path best|last`` into a file (or finds SLURM's requeue checkpoint),
-   loads it safely and :func:`check_model` compares it with the config: a checkpoint of another model class, or
-   a resumed ``fit`` with other model hyperparameters, is refused *before anything is written*.
+   loads it safely and ``lifecycle.model_check.check_model`` compares it with the config: a checkpoint of
+   another model class, or a resumed ``fit`` with other model hyperparameters, is refused *before anything is written*.
 2. :func:`open_run` picks the directory (the checkpoint's own run for a resumed fit, else the next free
    ``version_N``, created atomically), takes its :class:`RunLock`, deletes what killed checkpoint saves left, and
    points the loggers at it through their constructor arguments (``version=``, W&B ``id=``).
@@ -21,7 +21,6 @@ through :mod:`compat` (``tests/test_compat.py`` fails if Lightning changes the w
 from __future__ import annotations
 
 import csv
-import importlib
 import os
 import shutil
 import warnings
@@ -48,8 +47,6 @@ __all__ = [
     "Run",
     "RunError",
     "RunLock",
-    "check_model",
-    "evaluation_hparams",
     "find_checkpoint",
     "name_loggers",
     "open_run",
@@ -166,64 +163,6 @@ def find_checkpoint(
     if hpc is not None:
         rank_zero_info(f"SLURM requeue: continuing from {hpc}")
     return hpc
-
-
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict) and tree:
-        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
-    return {prefix.rstrip("."): tree}
-
-
-def evaluation_hparams(class_path: str | None) -> tuple[str, ...]:
-    """The hyperparameters a model class lists in ``evaluation_hparams``: they change only how it evaluates (e.g.
-    test-time augmentation), so a validate/test/predict may set them for a checkpoint trained with other values."""
-    module, _, name = (class_path or "").rpartition(".")
-    try:
-        return tuple(getattr(getattr(importlib.import_module(module), name), "evaluation_hparams", ()))
-    except (ImportError, AttributeError, ValueError):
-        return ()
-
-
-def check_model(
-    path: Path, checkpoint: dict[str, Any], model: dict[str, Any], subcommand: str
-) -> dict[str, Any] | None:
-    """Compare a checkpoint's model with the config's ``model`` (``{class_path, init_args}`` as dumped).
-
-    Raises :class:`RunError` when the classes differ, or when a resumed ``fit`` asks for other hyperparameters
-    (its weights and optimiser state, restored as saved, would not match, and config.yaml would not tell what
-    ran). For ``validate``/``test``/``predict`` returns the checkpoint's hyperparameters to build the model from
-    when they differ (with a note), else None; the class's :func:`evaluation_hparams` keep the config's values.
-    """
-    saved = dict(checkpoint.get("hyper_parameters") or {})
-    saved.pop("_instantiator", None)
-    saved_class, config_class = saved.pop("_class_path", None), model.get("class_path")
-    if saved_class and config_class and saved_class != config_class:
-        raise RunError(
-            f"Checkpoint {path} holds a {saved_class}, but this config builds a {config_class}. Pass the config "
-            f"the checkpoint was trained with (its run directory's config.yaml: -c {_config_of(path)}), or a "
-            "checkpoint trained with this config."
-        )
-    ours, theirs = _flat(model.get("init_args") or {}), _flat(saved)
-    free = evaluation_hparams(saved_class or config_class) if subcommand != "fit" else ()
-    differ = [key for key in ours if key in theirs and ours[key] != theirs[key] and key not in free]
-    if not differ:
-        return None
-    listing = "; ".join(f"{key}: {theirs[key]!r} in the checkpoint, {ours[key]!r} here" for key in differ)
-    if subcommand == "fit":
-        raise RunError(
-            f"Checkpoint {path} was trained with other model hyperparameters than this command gives ({listing}). "
-            "A resumed fit restores the checkpoint's weights and optimiser state as they were, so these values "
-            "would not apply (or would not fit), and config.yaml would not tell what ran. To continue the run, "
-            f"drop these options (the run's own config: -c {_config_of(path)}); to train with the new values, start "
-            "a new run without --ckpt_path."
-        )
-    rank_zero_info(f"The model is built with the checkpoint's hyperparameters ({listing}).")
-    return {"class_path": saved_class or config_class, "dict_kwargs": saved | {k: ours[k] for k in free if k in ours}}
-
-
-def _config_of(path: Path) -> Path:
-    run = Path(path).resolve().parent
-    return (run.parent if run.name == CHECKPOINTS else run) / "config.yaml"
 
 
 # ---- opening and closing a run ---------------------------------------------------------------------------------

@@ -44,8 +44,9 @@ from callbacks.curves import SmoothedCurves
 from callbacks.guards import FiniteLossGuard
 from callbacks.predictions import PredictionWriter
 from lifecycle.checkpoint_io import install_fault_tolerance
+from lifecycle.model_check import check_model
 from lifecycle.run_record import RunRecord
-from lifecycle.runs import Run, check_model, find_checkpoint, name_loggers, open_run
+from lifecycle.runs import Run, find_checkpoint, name_loggers, open_run
 from lifecycle.speedups import CPUSpeedups, NullProfiler
 from lightning_modules.checkpoints import read_checkpoint
 

@@ -24,7 +24,8 @@ from train import main
 
 from callbacks.guards import NonFiniteLossError
 from callbacks.slurm import JobRequeued
-from lifecycle.runs import RunError, RunLock, check_model, evaluation_hparams
+from lifecycle.model_check import check_model, evaluation_hparams
+from lifecycle.runs import RunError, RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP = ROOT / "configs" / "mnist" / "mlp.yaml"
