@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LinearLR, SequentialLR
 
 from lightning_modules.base import SupervisedModule
+from lightning_modules.muon import FilterMuon
 from lightning_modules.tta import tta_logits
 
 
@@ -146,17 +147,25 @@ def decoupled_step_sizes(lr: float, weight_decay: float, batch_size: int, moment
     return lr * scale, weight_decay * scale
 
 
-def parameter_groups(net: nn.Module, lr: float, decay: float, bias_lr_factor: float) -> list[dict]:
-    """SGD groups of ``net``'s trainable parameters: the BatchNorm shifts at ``lr * bias_lr_factor``, the rest at
-    ``lr``; both decay by ``decay`` per step (torch's SGD multiplies a group's weight_decay by its lr, hence the
-    divisions)."""
-    norm_ids = {id(p) for m in net.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+def parameter_groups(
+    net: AirbenchNet, lr: float, decay: float, bias_lr_factor: float, muon_lr: float | None = None
+) -> list[dict]:
+    """Optimiser groups of ``net``'s trainable parameters: the BatchNorm shifts at ``lr * bias_lr_factor``, the rest
+    at ``lr``; both decay by ``decay`` per step (torch's SGD multiplies a group's weight_decay by its lr, hence the
+    divisions). With ``muon_lr`` (airbench94_muon's split), the conv filters form a third group, ``muon=True`` at
+    ``muon_lr`` (see :class:`~lightning_modules.muon.FilterMuon`), and the whitening bias joins the shifts."""
+    shift_ids = {id(p) for m in net.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
     trainable = [p for p in net.parameters() if p.requires_grad]
+    filters = [p for p in trainable if p.ndim == 4] if muon_lr is not None else []
+    if muon_lr is not None:
+        shift_ids.add(id(net.whiten.bias))
+    filter_ids = {id(p) for p in filters}
     bias_lr = lr * bias_lr_factor
-    return [
-        {"params": [p for p in trainable if id(p) in norm_ids], "lr": bias_lr, "weight_decay": decay / bias_lr},
-        {"params": [p for p in trainable if id(p) not in norm_ids], "lr": lr, "weight_decay": decay / lr},
+    groups = [
+        {"params": [p for p in trainable if id(p) in shift_ids], "lr": bias_lr, "weight_decay": decay / bias_lr},
+        {"params": [p for p in trainable if id(p) not in shift_ids | filter_ids], "lr": lr, "weight_decay": decay / lr},
     ]
+    return groups + ([{"params": filters, "lr": muon_lr, "muon": True}] if filters else [])
 
 
 # ---- the LightningModule --------------------------------------------------------------------------------------
@@ -180,10 +189,14 @@ class AirbenchClassifier(SupervisedModule):
             batch size or the momentum.
         weight_decay: Weight decay per example (airbench: 0.0153 per 1024), scaled like ``lr`` and independent of it.
         momentum: Nesterov momentum.
+        filter_optimizer: ``sgd`` (airbench94) or ``muon``: the conv filters step with Muon (airbench94_muon; see
+            :class:`~lightning_modules.muon.FilterMuon`), the BatchNorm and whitening biases and the head with SGD.
+        muon_lr: Learning rate of the Muon steps (not scaled by the batch: Muon's steps have a fixed size).
+        muon_momentum: Momentum of the Muon steps.
         bias_lr_factor: Learning-rate factor of the BatchNorm shifts (not of their weight decay).
         label_smoothing: Label smoothing of the cross-entropy.
         warmup_fraction: Fraction of the steps over which the lr rises linearly from ``warmup_start`` times its
-            peak; it then falls linearly to ``final_lr_factor`` times the peak at the last step.
+            peak (0: no warm-up); it then falls linearly to ``final_lr_factor`` times the peak at the last step.
         warmup_start: Start factor of the warm-up.
         final_lr_factor: Factor of the peak lr at the last step.
         lookahead_every: Steps between lookahead updates; 0 disables lookahead.
@@ -212,6 +225,9 @@ class AirbenchClassifier(SupervisedModule):
         lr: float = 11.5 / 1024,
         weight_decay: float = 0.0153 / 1024,
         momentum: float = 0.85,
+        filter_optimizer: str = "sgd",
+        muon_lr: float = 0.24,
+        muon_momentum: float = 0.6,
         bias_lr_factor: float = 64.0,
         label_smoothing: float = 0.2,
         warmup_fraction: float = 0.23,
@@ -231,6 +247,8 @@ class AirbenchClassifier(SupervisedModule):
             raise ValueError(f"widths={list(widths)}: give the channels of the three conv groups.")
         if not 0 <= warmup_fraction < 1 or not 0 <= momentum < 1 or lookahead_every < 0:
             raise ValueError("need 0 <= warmup_fraction < 1, 0 <= momentum < 1 and lookahead_every >= 0.")
+        if filter_optimizer not in ("sgd", "muon"):
+            raise ValueError(f"filter_optimizer={filter_optimizer!r}: choose 'sgd' (airbench94) or 'muon'.")
         super().__init__(num_classes=num_classes, input_shape=input_shape, top_k=top_k, l1=l1, l2=l2, max_norm=max_norm)
         # The base saved its own options too (its optimiser, loss, ...): keep only this recipe's, which has its own.
         for name in set(self.hparams) - set(inspect.signature(AirbenchClassifier.__init__).parameters):
@@ -299,17 +317,19 @@ class AirbenchClassifier(SupervisedModule):
         hp = self.hparams
         total = int(self.trainer.estimated_stepping_batches)  # loads the training data: its batch size is known
         lr, decay = decoupled_step_sizes(hp.lr, hp.weight_decay, self.global_batch_size(), hp.momentum)
-        groups = parameter_groups(self.net, lr, decay, hp.bias_lr_factor)
-        optimizer = torch.optim.SGD(groups, momentum=hp.momentum, nesterov=True)
-        warmup = min(max(1, int(total * hp.warmup_fraction)), max(1, total - 1))
-        schedule = SequentialLR(
-            optimizer,
-            [
-                LinearLR(optimizer, hp.warmup_start, 1.0, total_iters=warmup),
-                LinearLR(optimizer, 1.0, hp.final_lr_factor, total_iters=max(1, total - warmup)),
-            ],
-            milestones=[warmup],
-        )
+        if hp.filter_optimizer == "muon":
+            groups = parameter_groups(self.net, lr, decay, hp.bias_lr_factor, muon_lr=hp.muon_lr)
+            optimizer = FilterMuon(groups, lr, momentum=hp.momentum, muon_momentum=hp.muon_momentum)
+        else:
+            groups = parameter_groups(self.net, lr, decay, hp.bias_lr_factor)
+            optimizer = torch.optim.SGD(groups, momentum=hp.momentum, nesterov=True)
+        warmup = min(max(1, int(total * hp.warmup_fraction)), max(1, total - 1)) if hp.warmup_fraction else 0
+        if warmup:
+            warm = LinearLR(optimizer, hp.warmup_start, 1.0, total_iters=warmup)
+            decline = LinearLR(optimizer, 1.0, hp.final_lr_factor, total_iters=max(1, total - warmup))
+            schedule = SequentialLR(optimizer, [warm, decline], milestones=[warmup])
+        else:
+            schedule = LinearLR(optimizer, 1.0, hp.final_lr_factor, total_iters=max(1, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

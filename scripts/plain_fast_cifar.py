@@ -42,7 +42,7 @@ def recipe() -> dict:
 
 def lr_factor(step: int, total: int, hp: dict) -> float:
     """The classifier's schedule: a linear warm-up from ``warmup_start`` to 1, then down to ``final_lr_factor``."""
-    warmup = min(max(1, int(total * hp["warmup_fraction"])), max(1, total - 1))
+    warmup = min(max(1, int(total * hp["warmup_fraction"])), max(1, total - 1)) if hp["warmup_fraction"] else 0
     if step < warmup:
         return hp["warmup_start"] + (1 - hp["warmup_start"]) * step / warmup
     return 1 + (hp["final_lr_factor"] - 1) * min(1.0, (step - warmup) / max(1, total - warmup))
