@@ -191,6 +191,7 @@ class AirbenchClassifier(SupervisedModule):
         momentum: Nesterov momentum.
         filter_optimizer: ``sgd`` (airbench94) or ``muon``: the conv filters step with Muon (airbench94_muon; see
             :class:`~lightning_modules.muon.FilterMuon`), the BatchNorm and whitening biases and the head with SGD.
+            Its Newton-Schulz iterations run in bfloat16, or in float32 under ``--trainer.precision 32-true``.
         muon_lr: Learning rate of the Muon steps (not scaled by the batch: Muon's steps have a fixed size).
         muon_momentum: Momentum of the Muon steps.
         bias_lr_factor: Learning-rate factor of the BatchNorm shifts (not of their weight decay).
@@ -319,7 +320,9 @@ class AirbenchClassifier(SupervisedModule):
         lr, decay = decoupled_step_sizes(hp.lr, hp.weight_decay, self.global_batch_size(), hp.momentum)
         if hp.filter_optimizer == "muon":
             groups = parameter_groups(self.net, lr, decay, hp.bias_lr_factor, muon_lr=hp.muon_lr)
-            optimizer = FilterMuon(groups, lr, momentum=hp.momentum, muon_momentum=hp.muon_momentum)
+            # Full precision asked for (32-true, 64-true): the Newton-Schulz iterations too; else bfloat16.
+            ns_dtype = "float32" if str(self.trainer.precision).startswith(("32", "64")) else "bfloat16"
+            optimizer = FilterMuon(groups, lr, momentum=hp.momentum, muon_momentum=hp.muon_momentum, ns_dtype=ns_dtype)
         else:
             groups = parameter_groups(self.net, lr, decay, hp.bias_lr_factor)
             optimizer = torch.optim.SGD(groups, momentum=hp.momentum, nesterov=True)

@@ -25,14 +25,15 @@ from torch.optim.sgd import sgd
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize(matrix: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
-    """Newton-Schulz approximation of ``U V^T`` for ``matrix = U S V^T`` (in bfloat16, as torch.optim.Muon).
+def orthogonalize(matrix: Tensor, steps: int, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """Newton-Schulz approximation of ``U V^T`` for ``matrix = U S V^T``, computed in ``dtype`` (torch.optim.Muon:
+    bfloat16).
 
     The quintic does not converge to exactly 1 on every singular value: the result is ``U S' V^T`` with ``S'``
     scattered around 1, which Muon's authors found trains as well as the exact ``U V^T``.
     """
     a, b, c = NS_COEFFICIENTS
-    x = matrix.bfloat16()
+    x = matrix.to(dtype)
     transposed = x.size(0) > x.size(1)
     if transposed:
         x = x.T
@@ -59,6 +60,9 @@ class FilterMuon(torch.optim.Optimizer):
         muon_momentum: Momentum of the Muon groups.
         ns_steps: Newton-Schulz iterations per Muon step.
         normalize: Rescale each Muon parameter before its step, as above.
+        ns_dtype: ``bfloat16`` (fast, as torch.optim.Muon and airbench) or ``float32``: the Newton-Schulz
+            iterations' precision. bfloat16 rounds the update's entries to about 3 significant digits, so runs that
+            differ only in float rounding (a DDP run and a single-process one) drift apart by about 1e-3.
     """
 
     def __init__(
@@ -70,7 +74,10 @@ class FilterMuon(torch.optim.Optimizer):
         muon_momentum: float = 0.6,
         ns_steps: int = 3,
         normalize: bool = True,
+        ns_dtype: str = "bfloat16",
     ) -> None:
+        if ns_dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"FilterMuon(ns_dtype={ns_dtype!r}): choose 'bfloat16' or 'float32'.")
         if lr < 0 or not 0 <= momentum < 1 or not 0 <= muon_momentum < 1 or weight_decay < 0 or ns_steps < 1:
             raise ValueError(
                 f"FilterMuon(lr={lr}, momentum={momentum}, muon_momentum={muon_momentum}, weight_decay="
@@ -85,6 +92,7 @@ class FilterMuon(torch.optim.Optimizer):
             muon_momentum=muon_momentum,
             ns_steps=ns_steps,
             normalize=normalize,
+            ns_dtype=ns_dtype,
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -130,7 +138,8 @@ class FilterMuon(torch.optim.Optimizer):
             update = p.grad.add(buffer, alpha=momentum)
             if group["normalize"]:
                 p.mul_(len(p) ** 0.5 / p.norm().clamp(min=1e-12))
-            direction = orthogonalize(update.reshape(len(p), -1), group["ns_steps"])
+            dtype = getattr(torch, group["ns_dtype"])
+            direction = orthogonalize(update.reshape(len(p), -1), group["ns_steps"], dtype=dtype)
             p.add_(direction.reshape(p.shape).to(p.dtype), alpha=-group["lr"])
 
 

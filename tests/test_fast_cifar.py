@@ -168,7 +168,8 @@ def test_the_config_fast_dev_runs_on_an_image_folder(tmp_path):
     assert torch.isfinite(cli.trainer.callback_metrics["test/acc"])
 
 
-def test_ddp_trains_the_recipe_as_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("filter_optimizer", ["sgd", pytest.param("muon", marks=pytest.mark.slow)])
+def test_ddp_trains_the_recipe_as_one_process_with_the_same_global_batch(tmp_path, filter_optimizer):
     """2 CPU processes (gloo) x 1 image x 4 accumulated = one process x 1 image x 8 accumulated: same weights.
 
     One image per forward makes BatchNorm's batch statistics per image, so they do not depend on how the images
@@ -188,6 +189,7 @@ def test_ddp_trains_the_recipe_as_one_process_with_the_same_global_batch(tmp_pat
               "--data.init_args.batch_size", "1", "--data.init_args.eval_batch_size", "4",
               "--data.init_args.augment", "null", "--model.init_args.num_classes", "3",
               "--model.init_args.whiten_bias_epochs", "2", "--model.init_args.lookahead_every", "1",
+              "--model.init_args.filter_optimizer", filter_optimizer,
               "--trainer.max_epochs", "4", "--trainer.precision", "32-true", "--trainer.accelerator", "cpu",
               "--trainer.enable_progress_bar", "false", "--test_after_fit", "false"]  # fmt: skip
     runs = {

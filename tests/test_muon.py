@@ -84,6 +84,8 @@ def test_bad_groups_and_options_are_refused():
         FilterMuon([{"params": [torch.nn.Parameter(torch.ones(3))], "muon": True}], lr=0.1)
     with pytest.raises(ValueError, match="momenta"):
         FilterMuon([torch.nn.Parameter(torch.ones(3))], lr=0.1, muon_momentum=1.0)
+    with pytest.raises(ValueError, match="ns_dtype"):
+        FilterMuon([torch.nn.Parameter(torch.ones(3))], lr=0.1, ns_dtype="float16")
     with pytest.raises(ValueError, match="filter_optimizer"):
         small_model(filter_optimizer="adam")
 
@@ -123,6 +125,7 @@ def test_the_classifier_trains_with_muon_and_resumes_exactly(tmp_path):
     assert any(p is model.net.whiten.bias for p in shifts["params"])
     assert [p is model.net.head.weight for p in rest["params"]] == [True]
     assert filters["lr"] == pytest.approx(0.0)  # decayed linearly to final_lr_factor 0 at the last step
+    assert filters["ns_dtype"] == "float32"  # the Trainer's precision is 32-true: no bfloat16 iterations
 
     # 4 epochs stopped after 2, a checkpoint, resumed == 4 epochs straight: weights and Muon momentum restored.
     # (Without the augmentation, whose random state the CLI's checkpoints keep but these bare Trainers do not.)
