@@ -20,8 +20,9 @@ from lifecycle.runs import RunError
 from lightning_modules import MLPClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
-# Snippets appended to an experiment's config, W&B sweeps and results presets are not experiments themselves.
-SNIPPETS = {"logger", "sweeps", "trainer", "results"}
+# Snippets appended to an experiment's config (logger, trainer, variants), W&B sweeps and results presets are not
+# experiments themselves.
+SNIPPETS = {"logger", "sweeps", "trainer", "results", "variants"}
 EXPERIMENTS = sorted(
     p for p in (ROOT / "configs").rglob("*.yaml") if not SNIPPETS & set(p.parts) and p.name != "defaults.yaml"
 )

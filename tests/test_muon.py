@@ -6,7 +6,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import quiet_trainer
-from test_fast_cifar import EpochLosses, folder_data, small_model, write_colour_tree
+from test_fast_cifar import CONFIG, ROOT, EpochLosses, folder_data, small_model, write_colour_tree
+from train import main
 
 from lightning_modules.muon import FilterMuon, orthogonalize
 
@@ -145,3 +146,18 @@ def test_the_classifier_trains_with_muon_and_resumes_exactly(tmp_path):
     _, resumed = fit(ckpt_path=tmp_path / "stopped.ckpt")
     for name, value in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value, msg=name)
+
+
+def test_the_muon_variant_composes_with_the_fast_config(tmp_path):
+    variant = str(ROOT / "configs" / "variants" / "cifar10_muon.yaml")
+    root = write_colour_tree(tmp_path / "data", {"train": 8, "test": 4}, classes=10)
+    cli = main(["fit", "-c", CONFIG, "-c", variant, "--model.init_args.widths", "[8, 16, 16]",
+                "--data=datamodules.ImageFolderDataModule", "--data.init_args.data_dir", str(root),
+                "--data.init_args.image_size", "[32, 32]", "--data.init_args.val_size", "20",
+                "--trainer.fast_dev_run", "1"])  # fmt: skip
+    hp = cli.model.hparams
+    assert (hp.filter_optimizer, hp.lookahead_every, hp.warmup_fraction, hp.tta_level) == ("muon", 0, 0.0, 2)
+    assert cli.datamodule.hparams.batch_size == 2000  # kept across --data=...
+    assert cli.config["fit"]["trainer"]["max_epochs"] == 8  # (fast_dev_run itself runs one batch)
+    assert isinstance(cli.trainer.optimizers[0], FilterMuon)
+    assert torch.isfinite(cli.trainer.callback_metrics["test/acc"])
