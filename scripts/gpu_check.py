@@ -9,7 +9,8 @@
    ``channels_last`` batches (where the datamodule has them), on generated data in each dataset's real on-disk
    format (transfer configs with random base weights: ImageNet weights are a download), several at a time.
 3. The benchmark suites (``scripts/benchmark.py --suite mnist`` and ``--suite cifar``, one repetition).
-4. The CIFAR-10 fast recipe (``configs/cifar10/fast.yaml``) end to end, with its wall time: on ``--cifar-dir`` when
+4. The CIFAR-10 fast recipe (``configs/cifar10/fast.yaml``) end to end, with its wall time, then its Muon variant
+   (``-c configs/variants/cifar10_muon.yaml``): on ``--cifar-dir`` when
    given, else on 50,000 generated images (the same compute, so the same time; its accuracy means nothing).
 5. With 2+ GPUs: the DDP equivalence test of ``tests/test_ddp.py`` on NCCL (2 GPUs against 1).
 
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-SKIP = {"logger", "sweeps", "trainer", "results"}  # snippets and presets, not experiments
+SKIP = {"logger", "sweeps", "trainer", "results", "variants"}  # snippets and presets, not experiments
 
 
 def experiments(only: list[str] | None) -> list[Path]:
@@ -210,8 +211,11 @@ def cifar_recipe(options: argparse.Namespace, tmp: Path) -> list[str]:
         where = f"the CIFAR-10 pickles in {options.cifar_dir}"
         args += ["--data.init_args.data_dir", str(options.cifar_dir)]
     env = dict(os.environ, WANDB_MODE="offline")
-    result = run([sys.executable, str(Path(__file__).resolve()), "--one", *args], 400, env=env, cwd=tmp)
-    return section(f"CIFAR-10 fast recipe on {where}", result, limit=3000)
+    script = [sys.executable, str(Path(__file__).resolve()), "--one"]
+    report = section(f"CIFAR-10 fast recipe on {where}", run([*script, *args], 400, env=env, cwd=tmp), limit=3000)
+    muon = ["-c", str(ROOT / "configs" / "variants" / "cifar10_muon.yaml"), "--experiment", "cifar10_fast_muon"]
+    result = run([*script, *args, *muon], 400, env=env, cwd=tmp)
+    return report + section(f"CIFAR-10 fast recipe, Muon variant (8 epochs), on {where}", result, limit=3000)
 
 
 def ddp_equivalence() -> list[str]:

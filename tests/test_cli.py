@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from cli_errors import ConfigError, run_command
+from gpu_check import SKIP
 from train import main
 
 from lifecycle.runs import RunError
@@ -21,8 +22,8 @@ from lightning_modules import MLPClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 # Snippets appended to an experiment's config (logger, trainer, variants), W&B sweeps and results presets are not
-# experiments themselves.
-SNIPPETS = {"logger", "sweeps", "trainer", "results", "variants"}
+# experiments themselves: the folders gpu_check skips.
+SNIPPETS = SKIP
 EXPERIMENTS = sorted(
     p for p in (ROOT / "configs").rglob("*.yaml") if not SNIPPETS & set(p.parts) and p.name != "defaults.yaml"
 )

@@ -19,7 +19,8 @@ def flags(args: list[str]) -> dict[str, str]:
 def test_every_experiment_is_checked_and_no_snippet():
     names = {str(p.relative_to(ROOT / "configs")) for p in gpu_check.experiments(None)}
     assert {"mnist/mlp.yaml", "cifar10/resnet20_v1.yaml", "imdb/glove.yaml", "omniglot/protonet_1shot.yaml"} <= names
-    assert not {n for n in names if n.split("/")[0] in ("logger", "sweeps", "trainer", "results") or "/" not in n}
+    snippets = ("logger", "sweeps", "trainer", "results", "variants")
+    assert not {n for n in names if n.split("/")[0] in snippets or "/" not in n}
 
 
 def test_a_config_runs_one_step_in_bf16_compiled_channels_last_on_the_generated_data(tmp_path):
@@ -32,3 +33,21 @@ def test_a_config_runs_one_step_in_bf16_compiled_channels_last_on_the_generated_
     transfer = flags(gpu_check.config_args(ROOT / "configs/image_folder/cats_vs_dogs_frozen.yaml", tmp_path, GPU))
     assert transfer["--model.init_args.weights"] == "random"  # ImageNet weights would be a download
     assert transfer["--data.init_args.data_dir"] == str(tmp_path / "folder")
+
+
+def test_the_cifar_recipe_runs_then_its_muon_variant(tmp_path, monkeypatch):
+    commands = []
+
+    def record(command, timeout, env=None, cwd=None):
+        commands.append(command)
+        return {"code": 0, "seconds": 1.0, "output": "test/acc = 0.1"}
+
+    monkeypatch.setattr(gpu_check, "run", record)
+    (tmp_path / "cifar" / "train").mkdir(parents=True)
+    options = argparse.Namespace(accelerator="gpu", cifar_dir=tmp_path / "cifar")
+    report = "\n".join(gpu_check.cifar_recipe(options, tmp_path))
+    sgd, muon = commands
+    assert muon[: len(sgd)] == sgd and "--data=datamodules.ImageFolderDataModule" in sgd
+    variant = muon[muon.index("-c", len(sgd)) + 1]
+    assert Path(variant) == ROOT / "configs" / "variants" / "cifar10_muon.yaml" and Path(variant).is_file()
+    assert "Muon variant (8 epochs)" in report
