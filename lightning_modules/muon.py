@@ -2,8 +2,8 @@
 
 Muon (Keller Jordan, 2024) steps a weight matrix along the orthogonalised momentum of its gradient: the
 nearest semi-orthogonal matrix, computed with a few Newton-Schulz iterations. airbench94_muon trains the
-airbench network's conv filters this way (and its biases and head with SGD) and reaches in 8 epochs the accuracy
-the SGD recipe reaches in 10.
+airbench network's conv filters this way (and its biases and head with SGD) and reports reaching in 8 epochs the
+accuracy airbench94's SGD reaches in 10 (docs/fast_recipes.md has our measurement).
 
 ``torch.optim.Muon`` does this for 2-D parameters only; conv filter banks ``(out, in, kh, kw)`` are matrices
 ``(out, in * kh * kw)`` to Muon, and Lightning's automatic optimisation steps a single optimiser. So
