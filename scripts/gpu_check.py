@@ -213,7 +213,7 @@ def cifar_recipe(options: argparse.Namespace, tmp: Path) -> list[str]:
     env = dict(os.environ, WANDB_MODE="offline")
     script = [sys.executable, str(Path(__file__).resolve()), "--one"]
     report = section(f"CIFAR-10 fast recipe on {where}", run([*script, *args], 400, env=env, cwd=tmp), limit=3000)
-    muon = ["-c", str(ROOT / "configs" / "variants" / "cifar10_muon.yaml"), "--experiment", "cifar10_fast_muon"]
+    muon = ["-c", str(ROOT / "configs" / "variants" / "cifar10_muon.yaml")]
     result = run([*script, *args, *muon], 400, env=env, cwd=tmp)
     return report + section(f"CIFAR-10 fast recipe, Muon variant (8 epochs), on {where}", result, limit=3000)
 

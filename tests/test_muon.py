@@ -159,5 +159,6 @@ def test_the_muon_variant_composes_with_the_fast_config(tmp_path):
     assert (hp.filter_optimizer, hp.lookahead_every, hp.warmup_fraction, hp.tta_level) == ("muon", 0, 0.0, 2)
     assert cli.datamodule.hparams.batch_size == 2000  # kept across --data=...
     assert cli.config["fit"]["trainer"]["max_epochs"] == 8  # (fast_dev_run itself runs one batch)
+    assert cli.config["fit"]["experiment"] == "cifar10_fast_muon"  # its runs stand apart from the SGD recipe's
     assert isinstance(cli.trainer.optimizers[0], FilterMuon)
     assert torch.isfinite(cli.trainer.callback_metrics["test/acc"])
