@@ -35,11 +35,7 @@ from datamodules.augment import BatchAugment
 from datamodules.base import CorruptDataError, DataNotFoundError, EvalLoaders, default_data_dir
 from datamodules.episodes import EpisodeDataset, EpisodeSampler, WithinAlphabetEpisodes, symmetry_ids
 from datamodules.loaders import slicing_loader, trainer_shard, training_seed
-from datamodules.omniglot_images import (  # noqa: F401  (load_image, CharacterImages: still importable from here)
-    CharacterImages,
-    load_image,
-    load_tree,
-)
+from datamodules.omniglot_images import CharacterImages, load_image, load_tree  # noqa: F401  (load_image: re-exported)
 
 SplitName = Literal["alphabets", "characters"]
 STREAMS = {"train": 0, "val": 1, "test": 2}  # independent random streams per split
@@ -97,6 +93,8 @@ class OmniglotDataModule(EvalLoaders, pl.LightningDataModule):
         test_classes: Test characters (count or fraction; ``characters`` split).
         image_size: Side of the square images (28 as Vinyals et al. and Snell et al.).
         invert: Strokes bright on a dark background (see :func:`~datamodules.omniglot_images.load_image`).
+        fit_strokes: Crop every drawing to its strokes and scale it, aspect kept, so that they span this fraction
+            of the frame (e.g. 0.86: 24 of 28 pixels), as MNIST's digits were; ``None`` resizes the whole page.
         rotations: Rotated training characters as new classes (x4 training classes); with
             ``train_within_alphabet``, a random quarter turn of each whole training episode instead.
         mirrors: Mirrored training characters as new classes too (x2 more); with ``train_within_alphabet``, half of
@@ -140,6 +138,7 @@ class OmniglotDataModule(EvalLoaders, pl.LightningDataModule):
         test_classes: int | float = 423,
         image_size: int = 28,
         invert: bool = True,
+        fit_strokes: float | None = None,
         rotations: bool = True,
         mirrors: bool = False,
         train_way: int = 60,
@@ -175,6 +174,8 @@ class OmniglotDataModule(EvalLoaders, pl.LightningDataModule):
                 raise ValueError(f"{name}={value}: every class needs at least one query per episode.")
         if image_size < 8:
             raise ValueError(f"image_size={image_size}: use at least 8 pixels (28 is the standard).")
+        if fit_strokes is not None and not 0 < fit_strokes <= 1:
+            raise ValueError(f"fit_strokes={fit_strokes}: give the fraction of the frame the strokes span, in (0, 1].")
         if test_alphabets and split != "alphabets":
             raise ValueError("test_alphabets holds out whole alphabets: use it with split='alphabets'.")
         self.save_hyperparameters(ignore=["augment"])
@@ -232,7 +233,11 @@ class OmniglotDataModule(EvalLoaders, pl.LightningDataModule):
             if given[which] is None and not tree.is_dir():
                 self._download(which, tree.name)
         for tree in trees:
-            load_tree(tree, self.hparams.image_size, self.hparams.invert, self.cache_path, True)
+            self._load(tree, write_cache=True)
+
+    def _load(self, tree: Path, write_cache: bool = False) -> CharacterImages:
+        h = self.hparams
+        return load_tree(tree, h.image_size, h.invert, self.cache_path, write_cache, h.fit_strokes)
 
     def _download(self, which: str, name: str) -> None:
         from torchvision.datasets import Omniglot
@@ -255,7 +260,7 @@ class OmniglotDataModule(EvalLoaders, pl.LightningDataModule):
 
     def _table(self, which: Literal["background", "evaluation"]) -> CharacterImages:
         trees = self.background_trees() if which == "background" else [self.tree("evaluation")]
-        tables = [load_tree(tree, self.hparams.image_size, self.hparams.invert, self.cache_path) for tree in trees]
+        tables = [self._load(tree) for tree in trees]
         return tables[0] if len(tables) == 1 else CharacterImages.concat(tables)
 
     # ---- class pools ------------------------------------------------------------------------------------------
@@ -326,9 +331,8 @@ class OmniglotDataModule(EvalLoaders, pl.LightningDataModule):
             raise ValueError(
                 f"The {split} pool has {len(classes)} classes ({n} characters"
                 f"{f' x {len(turns)} symmetries' if len(turns) > 1 else ''}) but {split} episodes are {way}-way. "
-                "Lower "
-                f"{'train' if train else 'test'}_way, or give this split "
-                "more characters (val_alphabets / val_classes / test_classes, or a larger tree)."
+                f"Lower {'train' if train else 'test'}_way, or give this split more characters (val_alphabets / "
+                "val_classes / test_classes, or a larger tree)."
             )
         few = [table.characters[i] for i in range(n) if int(table.counts[i]) < shot + query]
         if few:

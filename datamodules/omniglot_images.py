@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
@@ -96,16 +96,42 @@ def scan_tree(root: Path) -> list[tuple[str, list[Path]]]:
     return characters
 
 
-def load_image(path: Path, image_size: int, invert: bool = True) -> np.ndarray:
+def fit_to_strokes(image: Image.Image, image_size: int, fraction: float, dark_ink: bool) -> Image.Image:
+    """``image`` (mode ``L``) cropped to the bounding box of its strokes and resized, aspect ratio kept, so that the
+    box's longer side spans ``fraction`` of an ``image_size`` square, centred on the paper colour.
+
+    Drawers write the same character at different sizes and places on the page; fitting every drawing to its strokes
+    (as MNIST's digits were) takes that variation out before the network sees it. A blank page is only resized.
+    """
+    ink = ImageOps.invert(image) if dark_ink else image
+    box = ink.point(lambda v: 255 if v >= 128 else 0).getbbox()
+    if box is None:
+        return image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    strokes = image.crop(box)
+    paper = 255 if dark_ink else 0
+    side = max(strokes.size)
+    square = Image.new("L", (side, side), paper)
+    square.paste(strokes, ((side - strokes.width) // 2, (side - strokes.height) // 2))
+    inner = max(1, round(image_size * fraction))
+    offset = (image_size - inner) // 2
+    fitted = Image.new("L", (image_size, image_size), paper)
+    fitted.paste(square.resize((inner, inner), Image.Resampling.BILINEAR), (offset, offset))
+    return fitted
+
+
+def load_image(path: Path, image_size: int, invert: bool = True, fit_strokes: float | None = None) -> np.ndarray:
     """One drawing as a ``uint8`` ``(size, size)`` array: grayscale, resized with antialiasing, strokes bright.
 
     Omniglot strokes are black on white; ``invert`` makes them 255 on 0 (as MNIST, and as Snell et al.'s
-    ``1 - x``), so zero padding and max pooling see the background as "nothing".
+    ``1 - x``), so zero padding and max pooling see the background as "nothing". With ``fit_strokes``, the strokes'
+    bounding box fills that fraction of the frame (:func:`fit_to_strokes`) instead of the whole page being resized.
     """
     try:
         with Image.open(path) as image:
             image = image.convert("L")
-            if image.size != (image_size, image_size):
+            if fit_strokes is not None:
+                image = fit_to_strokes(image, image_size, fit_strokes, dark_ink=invert)
+            elif image.size != (image_size, image_size):
                 image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
     except (OSError, UnidentifiedImageError, ValueError) as err:
@@ -123,7 +149,9 @@ def drawer_of(path: Path, position: int) -> int:
     return int(suffix) if "_" in path.stem and suffix.isdigit() else position + 1
 
 
-def decode_tree(characters: list[tuple[str, list[Path]]], image_size: int, invert: bool) -> CharacterImages:
+def decode_tree(
+    characters: list[tuple[str, list[Path]]], image_size: int, invert: bool, fit_strokes: float | None = None
+) -> CharacterImages:
     """Decode every drawing of a scanned tree into one :class:`CharacterImages`."""
     counts = [len(files) for _, files in characters]
     images = np.empty((sum(counts), 1, image_size, image_size), dtype=np.uint8)
@@ -131,7 +159,7 @@ def decode_tree(characters: list[tuple[str, list[Path]]], image_size: int, inver
     i = 0
     for _, files in characters:
         for position, path in enumerate(files):
-            images[i, 0] = load_image(path, image_size, invert)
+            images[i, 0] = load_image(path, image_size, invert, fit_strokes)
             drawers[i] = drawer_of(path, position)
             i += 1
     counts_t = torch.tensor(counts, dtype=torch.long)
@@ -140,9 +168,11 @@ def decode_tree(characters: list[tuple[str, list[Path]]], image_size: int, inver
     return CharacterImages(torch.from_numpy(images), names, offsets, counts_t, torch.from_numpy(drawers))
 
 
-def cache_key(characters: list[tuple[str, list[Path]]], image_size: int, invert: bool) -> str:
+def cache_key(
+    characters: list[tuple[str, list[Path]]], image_size: int, invert: bool, fit_strokes: float | None = None
+) -> str:
     """A digest of the options and of every file's relative path, size and modification time."""
-    digest = hashlib.sha1(f"v{CACHE_VERSION}|{image_size}|{invert}".encode())
+    digest = hashlib.sha1(f"v{CACHE_VERSION}|{image_size}|{invert}|{fit_strokes}".encode())
     for name, files in characters:
         for path in files:
             stat = path.stat()
@@ -161,20 +191,26 @@ def _read_cache(path: Path) -> CharacterImages | None:
 
 
 def load_tree(
-    root: Path, image_size: int = 28, invert: bool = True, cache_dir: Path | None = None, write_cache: bool = False
+    root: Path,
+    image_size: int = 28,
+    invert: bool = True,
+    cache_dir: Path | None = None,
+    write_cache: bool = False,
+    fit_strokes: float | None = None,
 ) -> CharacterImages:
     """The drawings of ``root`` from the cache in ``cache_dir`` when it matches, else decoded (and cached when
     ``write_cache``; only ``prepare_data`` writes, so one process per node does)."""
     characters = scan_tree(root)
     path = None
     if cache_dir is not None:
-        path = cache_dir / f"omniglot_{root.name}_{image_size}px_{cache_key(characters, image_size, invert)}.pt"
+        key = cache_key(characters, image_size, invert, fit_strokes)
+        path = cache_dir / f"omniglot_{root.name}_{image_size}px_{key}.pt"
         if path.is_file():
             cached = _read_cache(path)
             if cached is not None:
                 return cached
     rank_zero_info(f"Decoding {sum(len(f) for _, f in characters)} Omniglot drawings in {root} ...")
-    decoded = decode_tree(characters, image_size, invert)
+    decoded = decode_tree(characters, image_size, invert, fit_strokes)
     if write_cache and path is not None:
         state = {
             "images": decoded.images,

@@ -6,9 +6,10 @@
 
 ``--support`` holds one sub-folder per class (its name is the label) with one or more images each (the shots);
 ``--query`` holds the images to label (sub-folders are searched too). Images are preprocessed exactly as in
-training: grayscale, resized to the model's input size, strokes inverted when the training data were (read from
-the checkpoint's datamodule settings). The output is a CSV ``query,label,probability``, printed or written to
-``--output``. Nothing is learnt about the new classes: the model compares each query with the support images.
+training: grayscale, resized to the model's input size, strokes inverted and fitted to the frame when the training
+data's were (read from the checkpoint's datamodule settings). The output is a CSV ``query,label,probability``,
+printed or written to ``--output``. Nothing is learnt about the new classes: the model compares each query with
+the support images.
 """
 
 from __future__ import annotations
@@ -51,18 +52,23 @@ def read_support(folder: Path) -> tuple[list[str], list[Path], list[int]]:
     return classes, paths, labels
 
 
-def load_model(checkpoint: str | None, baseline: str | None) -> tuple[FewShotModule, int | None, bool]:
-    """The model, and the image size and inversion its training data used (``None``: from the model)."""
+def load_model(checkpoint: str | None, baseline: str | None) -> tuple[FewShotModule, dict]:
+    """The model, and the preprocessing its training data used (``image_size``, ``invert``, ``fit_strokes``)."""
     if baseline:
-        return NearestNeighbourBaseline(features=baseline).eval(), None, True
+        return NearestNeighbourBaseline(features=baseline).eval(), {}
     state = read_checkpoint(checkpoint)
     data = state.get("datamodule_hyper_parameters", {})
     model = ProtoNet.load_from_checkpoint(checkpoint, map_location="cpu").eval()
-    return model, data.get("image_size"), bool(data.get("invert", True))
+    return model, {key: data[key] for key in ("image_size", "invert", "fit_strokes") if key in data}
 
 
 def predict(
-    model: FewShotModule, support_dir: Path, query_dir: Path, image_size: int | None = None, invert: bool = True
+    model: FewShotModule,
+    support_dir: Path,
+    query_dir: Path,
+    image_size: int | None = None,
+    invert: bool = True,
+    fit_strokes: float | None = None,
 ) -> list[tuple[str, str, float]]:
     """``(query path relative to query_dir, predicted class, its probability)`` for every query image."""
     classes, support_paths, labels = read_support(support_dir)
@@ -72,7 +78,7 @@ def predict(
     size = image_size or model.input_shape[-1]
 
     def batch(paths: list[Path]) -> torch.Tensor:
-        arrays = np.stack([load_image(p, size, invert) for p in paths])
+        arrays = np.stack([load_image(p, size, invert, fit_strokes) for p in paths])
         return torch.from_numpy(arrays).unsqueeze(1).float().div_(255.0)
 
     episode = {"support": batch(support_paths), "support_labels": torch.tensor(labels), "query": batch(queries)}
@@ -97,10 +103,10 @@ def main(args: list[str] | None = None) -> list[tuple[str, str, float]]:
         "--invert", action=argparse.BooleanOptionalAction, default=None, help="dark strokes on light paper -> bright"
     )
     opts = parser.parse_args(args)
-    model, size, invert = load_model(opts.checkpoint, opts.baseline)
-    rows = predict(
-        model, opts.support, opts.query, opts.image_size or size, invert if opts.invert is None else opts.invert
-    )
+    model, data = load_model(opts.checkpoint, opts.baseline)
+    invert = data.get("invert", True) if opts.invert is None else opts.invert
+    size = opts.image_size or data.get("image_size")
+    rows = predict(model, opts.support, opts.query, size, invert, data.get("fit_strokes"))
     out = open(opts.output, "w", newline="") if opts.output else sys.stdout  # noqa: SIM115
     try:
         writer = csv.writer(out)

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from few_shot_predict import load_model
 from omniglot_fakes import write_tree
+from PIL import Image
 from train import main
 
 from datamodules.augment import BatchAugment
 from datamodules.episodes import dihedral, symmetry_ids
 from datamodules.omniglot import OmniglotDataModule
-from datamodules.omniglot_images import drawer_of
+from datamodules.omniglot_images import drawer_of, load_image, load_tree
 from lightning_modules.few_shot import ProtoNet, ProtoNetEncoder, prototypes, squared_euclidean
 from lightning_modules.tta import shift_averaged
 
@@ -187,6 +190,28 @@ def test_augmentation_keeps_shapes_and_is_off_at_evaluation(small_sets):
         assert all(torch.equal(evaluated[key], plain[key]) for key in ("support", "query"))
 
 
+def test_drawings_fitted_to_their_strokes(small_sets, tmp_path):
+    page = np.full((105, 105), 255, np.uint8)
+    page[10:30, 5:15] = 0  # black strokes 20 tall and 10 wide, small in a corner of a white page
+    Image.fromarray(page).convert("1").save(tmp_path / "0001_01.png")
+    rows, cols = np.nonzero(load_image(tmp_path / "0001_01.png", 28, fit_strokes=0.5) > 127)
+    assert rows.max() - rows.min() + 1 == 14 and 6 <= cols.max() - cols.min() + 1 <= 8  # 0.5 x 28 tall, aspect kept
+    assert abs((rows.min() + rows.max()) / 2 - 13.5) <= 1 and abs((cols.min() + cols.max()) / 2 - 13.5) <= 1
+    rows, cols = np.nonzero(load_image(tmp_path / "0001_01.png", 28) > 127)
+    assert rows.max() < 9 and cols.max() < 5  # without fitting: the page resized, strokes still in the corner
+    Image.new("1", (105, 105), 1).save(tmp_path / "0001_02.png")
+    assert not load_image(tmp_path / "0001_02.png", 28, fit_strokes=0.5).any()  # a blank page stays blank
+    # The cache keeps fitted and unfitted drawings apart, so switching the option never reads stale images.
+    tree = small_sets / "omniglot-py" / "images_background_small1"
+    whole = load_tree(tree, cache_dir=tmp_path, write_cache=True)
+    fitted = load_tree(tree, cache_dir=tmp_path, write_cache=True, fit_strokes=0.9)
+    assert len(list(tmp_path.glob("*.pt"))) == 2 and not torch.equal(whole.images, fitted.images)
+    assert torch.equal(load_tree(tree, cache_dir=tmp_path, fit_strokes=0.9).images, fitted.images)
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="fraction of the frame"):
+            OmniglotDataModule(data_dir=str(small_sets), fit_strokes=bad)
+
+
 def test_encoder_widths_per_block():
     encoder = ProtoNetEncoder(1, [8, 16, 32, 48])
     assert encoder(torch.zeros(3, 1, 28, 28)).shape == (3, 48)
@@ -274,6 +299,7 @@ def test_fast_config_fits_tests_within_alphabet_and_resumes(small_sets, tmp_path
     assert cli.trainer.callback_metrics["test/episodes"] == 4 and 0 <= cli.trainer.callback_metrics["test/acc"] <= 1
     last = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 3
+    assert load_model(str(last), None)[1]["fit_strokes"] == 0.86  # few_shot_predict fits new drawings as in training
     # Resume: the run continues from its 3 steps to 6 (not from scratch), then tests on the evaluation tree.
     cli = main(["fit", *common, *length, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
     assert cli.trainer.global_step == 6 and cli.trainer.current_epoch == 2
