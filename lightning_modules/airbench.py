@@ -82,8 +82,30 @@ class ConvGroup(nn.Sequential):
         )
 
 
+class ResidualConvGroup(nn.Module):
+    """airbench96's group: conv -> max-pool 2 -> BN -> GELU, then ``x + body(x)`` where ``body`` is
+    conv -> BN -> GELU -> conv -> BN -> GELU."""
+
+    def __init__(self, in_channels: int, out_channels: int, bn_momentum: float, trainable_scale: bool) -> None:
+        super().__init__()
+
+        def norm() -> nn.BatchNorm2d:
+            return frozen_scale_bn(out_channels, bn_momentum, trainable_scale)
+
+        self.entry = nn.Sequential(DiracConv(in_channels, out_channels), nn.MaxPool2d(2), norm(), nn.GELU())
+        self.body = nn.Sequential(
+            *(DiracConv(out_channels, out_channels), norm(), nn.GELU()),
+            *(DiracConv(out_channels, out_channels), norm(), nn.GELU()),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.entry(x)
+        return x + self.body(x)
+
+
 class AirbenchNet(nn.Module):
-    """Whitening conv (2x2, ``2 * C * 4`` filters) -> GELU -> three :class:`ConvGroup` -> max-pool -> linear."""
+    """Whitening conv (2x2, ``2 * C * 4`` filters) -> GELU -> three :class:`ConvGroup` (or, with ``residual``,
+    :class:`ResidualConvGroup`) -> max-pool -> linear."""
 
     def __init__(
         self,
@@ -93,14 +115,16 @@ class AirbenchNet(nn.Module):
         bn_momentum: float = 0.6,
         logit_scale: float = 1 / 9,
         trainable_bn_scale: bool = False,
+        residual: bool = False,
     ) -> None:
         super().__init__()
         channels = input_shape[0]
         self.whiten = nn.Conv2d(channels, 2 * channels * 4, kernel_size=2, bias=True)
         nn.init.zeros_(self.whiten.bias)
         groups, previous = [], self.whiten.out_channels
+        group = ResidualConvGroup if residual else ConvGroup
         for width in widths:
-            groups.append(ConvGroup(previous, width, bn_momentum, trainable_bn_scale))
+            groups.append(group(previous, width, bn_momentum, trainable_bn_scale))
             previous = width
         self.groups = nn.Sequential(*groups)
         self.head = nn.Linear(previous, num_classes, bias=False)
@@ -176,6 +200,8 @@ class AirbenchClassifier(SupervisedModule):
         num_classes: Number of classes.
         input_shape: ``(C, H, W)`` of one input (checked against the datamodule).
         widths: Channels of the three conv groups.
+        residual_groups: Groups of three convs with a residual connection around the last two, as airbench96's
+            (about 4x the work per epoch with its widths, 128-384-512); ``False``: airbench94's two-conv groups.
         bn_momentum: Weight of the old BatchNorm running statistics (airbench: 0.6).
         logit_scale: Factor on the logits.
         trainable_bn_scale: Train the BatchNorm scales too (airbench keeps them at 1).
@@ -216,6 +242,7 @@ class AirbenchClassifier(SupervisedModule):
         num_classes: int = 10,
         input_shape: Sequence[int] = (3, 32, 32),
         widths: Sequence[int] = (64, 256, 256),
+        residual_groups: bool = False,
         bn_momentum: float = 0.6,
         logit_scale: float = 1 / 9,
         trainable_bn_scale: bool = False,
@@ -254,7 +281,9 @@ class AirbenchClassifier(SupervisedModule):
         # The base saved its own options too (its optimiser, loss, ...): keep only this recipe's, which has its own.
         for name in set(self.hparams) - set(inspect.signature(AirbenchClassifier.__init__).parameters):
             del self.hparams[name]
-        self.net = AirbenchNet(input_shape, num_classes, widths, bn_momentum, logit_scale, trainable_bn_scale)
+        self.net = AirbenchNet(
+            input_shape, num_classes, widths, bn_momentum, logit_scale, trainable_bn_scale, residual_groups
+        )
         self.net.whiten.weight.requires_grad_(not whiten)
         # True once the whitening filters are set: a restored or fine-tuned model keeps its filters.
         self.register_buffer("whitened", torch.zeros((), dtype=torch.bool))

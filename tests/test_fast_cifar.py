@@ -158,14 +158,29 @@ def test_the_config_fast_dev_runs_on_cifar10_pickles(tmp_path, monkeypatch):
     assert torch.isfinite(cli.trainer.callback_metrics["test/acc"])  # test_after_fit ran on the test split
 
 
-def test_the_config_fast_dev_runs_on_an_image_folder(tmp_path):
+@pytest.mark.parametrize("variant", [None, "cifar10_residual.yaml"])
+def test_the_config_fast_dev_runs_on_an_image_folder(tmp_path, variant):
     root = write_colour_tree(tmp_path / "data", {"train": 8, "test": 4}, classes=10)
-    cli = main(["fit", "-c", CONFIG, *SMALL, "--data=datamodules.ImageFolderDataModule",
+    extra = ["-c", str(ROOT / "configs" / "variants" / variant)] if variant else []
+    cli = main(["fit", "-c", CONFIG, *extra, *SMALL, "--data=datamodules.ImageFolderDataModule",
                 "--data.init_args.data_dir", str(root), "--data.init_args.image_size", "[32, 32]",
                 "--data.init_args.val_size", "20", "--data.init_args.batch_size", "8",
                 "--trainer.fast_dev_run", "1"])  # fmt: skip
     assert cli.trainer.state.finished and cli.datamodule.augment is not None
     assert torch.isfinite(cli.trainer.callback_metrics["test/acc"])
+    convs = [m for m in cli.model.net.groups.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == (9 if variant else 6)  # airbench96's groups: three convs each, a residual around two
+
+
+def test_residual_groups_pass_their_entry_through():
+    model = AirbenchClassifier(widths=[8, 16, 16], residual_groups=True).eval()
+    group = model.net.groups[0]
+    x = torch.randn(2, 24, 16, 16)
+    entry = group.entry(x)
+    assert entry.shape == (2, 8, 8, 8) and not torch.allclose(group(x), entry)
+    for norm in (m for m in group.body if isinstance(m, torch.nn.BatchNorm2d)):
+        norm.bias.data.fill_(-1e3)  # GELU of a large negative number is 0: the body adds nothing
+    torch.testing.assert_close(group(x), entry)
 
 
 @pytest.mark.parametrize("filter_optimizer", ["sgd", pytest.param("muon", marks=pytest.mark.slow)])
