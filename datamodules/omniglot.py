@@ -10,10 +10,8 @@ downloaded by :meth:`OmniglotDataModule.prepare_data`; the official small backgr
 ``images_background_small1/`` and ``small2/`` beside them with ``background_sets``), or any extracted tree
 ``<Alphabet>/<character>/*.png`` (what the official zips extract to) given as ``background_dir`` / ``evaluation_dir``.
 
-Speed: every PNG is decoded once, resized (28x28 by default) and kept as one ``uint8`` tensor; the tensor is
-also cached on disk (keyed by the file list and the options, written atomically in ``prepare_data``), so a
-later run loads it in well under a second and an episode is one tensor index, not a hundred PNG decodes
-(:mod:`datamodules.omniglot_images`).
+Speed: every PNG is decoded once into one ``uint8`` tensor, cached on disk (:mod:`datamodules.omniglot_images`), so
+an episode is one tensor index, not a hundred PNG decodes.
 
 Episodes are a function of ``(seed, epoch, episode number)`` only: the same seed gives the same episodes,
 every process of a DDP run draws its own share of them (no two ranks train on the same episode), and a run
@@ -236,8 +234,8 @@ class OmniglotDataModule(EvalLoaders, pl.LightningDataModule):
             self._load(tree, write_cache=True)
 
     def _load(self, tree: Path, write_cache: bool = False) -> CharacterImages:
-        h = self.hparams
-        return load_tree(tree, h.image_size, h.invert, self.cache_path, write_cache, h.fit_strokes)
+        hp = self.hparams
+        return load_tree(tree, hp.image_size, hp.invert, self.cache_path, write_cache, hp.fit_strokes)
 
     def _download(self, which: str, name: str) -> None:
         from torchvision.datasets import Omniglot
