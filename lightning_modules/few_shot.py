@@ -223,13 +223,19 @@ class ProtoNet(FewShotModule):
             query are turned alike and the distances are averaged over the views
             (:func:`~lightning_modules.tta.symmetry_concatenated`): an ensemble for a model trained on turned (and
             mirrored) episodes, e.g. Omniglot's ``rotations`` and ``mirrors``. Each view costs one more pass.
+        centre_sets: Transductive scoring at validation, test and predict (off by default): the support embeddings
+            and the query embeddings of an episode are each centred on their own mean before prototypes and
+            distances are taken. When each set shares a style of its own (in Lake et al.'s runs one person drew
+            every support drawing and another every query) and both hold the episode's classes in about equal
+            numbers, the difference of the two means is that style, which centring removes. A query's label then
+            depends on the episode's other queries, so it needs at least one query per class. Training is unchanged.
         **kwargs: ``num_classes``, ``input_shape``: see :class:`FewShotModule`.
 
     Support and query images go through the encoder in one batch, so BatchNorm's training statistics are the
     episode's (as in Snell et al.'s code); evaluation uses the running statistics.
     """
 
-    evaluation_hparams = ("tta_shift", "tta_symmetries")  # a test may set them for a checkpoint trained otherwise
+    evaluation_hparams = ("tta_shift", "tta_symmetries", "centre_sets")  # a test may set them for any checkpoint
 
     def __init__(
         self,
@@ -240,6 +246,7 @@ class ProtoNet(FewShotModule):
         scheduler_interval: SchedulerInterval = "auto",
         tta_shift: int = 0,
         tta_symmetries: int = 1,
+        centre_sets: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -256,7 +263,7 @@ class ProtoNet(FewShotModule):
                 f"input_shape is {list(self.input_shape)}. Use tta_symmetries 1, or resize the images to a square."
             )
         self.save_hyperparameters()
-        self.tta_shift, self.tta_symmetries = tta_shift, tta_symmetries
+        self.tta_shift, self.tta_symmetries, self.centre_sets = tta_shift, tta_symmetries, centre_sets
         self.encoder = ProtoNetEncoder(self.input_shape[0], filters, blocks)
         self.optimizer_factory = SharedFactory.wrap(optimizer)
         self.scheduler_factory = SharedFactory.wrap(lr_scheduler)
@@ -278,7 +285,16 @@ class ProtoNet(FewShotModule):
         support, query = episode["support"], episode["query"]
         embeddings = self.embed(torch.cat([support, query]))
         support_emb, query_emb = embeddings[: len(support)], embeddings[len(support) :]
-        centres = prototypes(support_emb, episode["support_labels"], self.way(episode))
+        way = self.way(episode)
+        if self.centre_sets and not self.training:
+            if len(query_emb) < way:
+                raise ValueError(
+                    f"centre_sets scores the queries of an episode as a set centred on its mean, which needs at least "
+                    f"one query per class: this episode has {len(query_emb)} queries for {way} classes. Pass more "
+                    "queries at once, or turn centre_sets off."
+                )
+            support_emb, query_emb = support_emb - support_emb.mean(0), query_emb - query_emb.mean(0)
+        centres = prototypes(support_emb, episode["support_labels"], way)
         return -squared_euclidean(query_emb, centres)
 
     def training_step(self, episode: Episode, batch_idx: int) -> Tensor:

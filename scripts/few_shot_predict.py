@@ -9,7 +9,8 @@
 training: grayscale, resized to the model's input size, strokes inverted and fitted to the frame when the training
 data's were (read from the checkpoint's datamodule settings). The output is a CSV ``query,label,probability``,
 printed or written to ``--output``. Nothing is learnt about the new classes: the model compares each query with
-the support images.
+the support images. ``--centre_sets`` scores the queries as one set (see ``ProtoNet``'s ``centre_sets``): use it
+when one person drew the support images and another the queries, with every class among the queries about equally.
 """
 
 from __future__ import annotations
@@ -102,8 +103,18 @@ def main(args: list[str] | None = None) -> list[tuple[str, str, float]]:
     parser.add_argument(
         "--invert", action=argparse.BooleanOptionalAction, default=None, help="dark strokes on light paper -> bright"
     )
+    parser.add_argument(
+        "--centre_sets",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="centre support and query embeddings on their own means (default: as the checkpoint says)",
+    )
     opts = parser.parse_args(args)
     model, data = load_model(opts.checkpoint, opts.baseline)
+    if opts.centre_sets is not None:
+        if not isinstance(model, ProtoNet):
+            raise SystemExit("error: --centre_sets needs a ProtoNet --checkpoint, not a --baseline.")
+        model.centre_sets = opts.centre_sets
     invert = data.get("invert", True) if opts.invert is None else opts.invert
     size = opts.image_size or data.get("image_size")
     rows = predict(model, opts.support, opts.query, size, invert, data.get("fit_strokes"))

@@ -284,6 +284,28 @@ def test_protonet_averages_distances_over_the_symmetries_of_the_episode():
         ProtoNet(tta_symmetries=4, input_shape=(1, 28, 32))
 
 
+def test_centred_sets_remove_a_style_that_every_query_shares():
+    torch.manual_seed(0)
+    model = ProtoNet(num_classes=4, centre_sets=True)
+    model.encoder = torch.nn.Flatten()  # embeddings are the pixels: a style offset of the images is one of theirs
+    support, order = torch.rand(4, 1, 28, 28), torch.tensor([2, 0, 3, 1])
+    query = support[order] + 20.0  # another drawer: the same characters, all offset alike
+    episode = {"support": support, "support_labels": torch.arange(4), "query": query, "query_labels": order}
+    model.eval()
+    s, q = support.flatten(1), query.flatten(1)
+    expected = -squared_euclidean(q - q.mean(0), s - s.mean(0))
+    torch.testing.assert_close(model.logits(episode), expected)
+    assert torch.equal(model.logits(episode).argmax(-1), order)  # centred: every query right
+    model.centre_sets = False
+    assert not torch.equal(model.logits(episode).argmax(-1), order)  # the offset misleads plain distances
+    model.train()
+    model.centre_sets = True
+    torch.testing.assert_close(model.logits(episode), -squared_euclidean(q, s))  # training is unchanged
+    model.eval()
+    with pytest.raises(ValueError, match="3 queries for 4 classes"):
+        model.logits({**episode, "query": query[:3], "query_labels": order[:3]})
+
+
 def test_fast_config_fits_tests_within_alphabet_and_resumes(small_sets, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     common = ["-c", str(ROOT / "configs" / "omniglot" / "fast.yaml"), "--data.init_args.data_dir", str(small_sets),

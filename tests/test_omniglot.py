@@ -408,6 +408,14 @@ def test_protonet_1shot_config_fits_tests_and_predicts(protonet_run, omniglot_di
         written = list(csv.reader(f))
     assert written[0] == ["query", "label", "probability"] and len(written) == 6
     assert {label for _, label, _ in rows} <= set(truth.values())
+    centred = predict_main(["--checkpoint", str(checkpoint), "--support", str(support), "--query", str(query),
+                            "--centre_sets"])  # fmt: skip
+    assert len(centred) == 5 and {label for _, label, _ in centred} <= set(truth.values())
+    (lone := tmp_path / "lone").mkdir()
+    shutil.copy(query / sorted(truth)[0], lone)
+    with pytest.raises(ValueError, match="1 queries for 5 classes"):  # a set of one query has no mean to remove
+        predict_main(["--checkpoint", str(checkpoint), "--support", str(support), "--query", str(lone),
+                      "--centre_sets"])  # fmt: skip
     with pytest.raises(SystemExit, match="at least 2"):
         only = tmp_path / "one_class"
         (only / "a").mkdir(parents=True)
