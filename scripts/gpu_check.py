@@ -9,8 +9,8 @@
    ``channels_last`` batches (where the datamodule has them), on generated data in each dataset's real on-disk
    format (transfer configs with random base weights: ImageNet weights are a download), several at a time.
 3. The benchmark suites (``scripts/benchmark.py --suite mnist`` and ``--suite cifar``, one repetition).
-4. The CIFAR-10 fast recipe (``configs/cifar10/fast.yaml``) end to end, with its wall time, then its Muon variant
-   (``-c configs/variants/cifar10_muon.yaml``): on ``--cifar-dir`` when
+4. The CIFAR-10 fast recipe (``configs/cifar10/fast.yaml``) end to end, with its wall time, then its Muon and
+   residual variants (``-c configs/variants/cifar10_muon.yaml``, ``cifar10_residual.yaml``): on ``--cifar-dir`` when
    given, else on 50,000 generated images (the same compute, so the same time; its accuracy means nothing).
 5. With 2+ GPUs: the DDP equivalence test of ``tests/test_ddp.py`` on NCCL (2 GPUs against 1).
 
@@ -212,10 +212,12 @@ def cifar_recipe(options: argparse.Namespace, tmp: Path) -> list[str]:
         args += ["--data.init_args.data_dir", str(options.cifar_dir)]
     env = dict(os.environ, WANDB_MODE="offline")
     script = [sys.executable, str(Path(__file__).resolve()), "--one"]
-    report = section(f"CIFAR-10 fast recipe on {where}", run([*script, *args], 400, env=env, cwd=tmp), limit=3000)
-    muon = ["-c", str(ROOT / "configs" / "variants" / "cifar10_muon.yaml")]
-    result = run([*script, *args, *muon], 400, env=env, cwd=tmp)
-    return report + section(f"CIFAR-10 fast recipe, Muon variant (8 epochs), on {where}", result, limit=3000)
+    report = []
+    for title, variant in (("", None), (", Muon variant (8 epochs)", "muon"), (", residual variant", "residual")):
+        extra = ["-c", str(ROOT / "configs" / "variants" / f"cifar10_{variant}.yaml")] if variant else []
+        result = run([*script, *args, *extra], 400, env=env, cwd=tmp)
+        report += section(f"CIFAR-10 fast recipe{title} on {where}", result, limit=3000)
+    return report
 
 
 def ddp_equivalence() -> list[str]:

@@ -35,7 +35,7 @@ def test_a_config_runs_one_step_in_bf16_compiled_channels_last_on_the_generated_
     assert transfer["--data.init_args.data_dir"] == str(tmp_path / "folder")
 
 
-def test_the_cifar_recipe_runs_then_its_muon_variant(tmp_path, monkeypatch):
+def test_the_cifar_recipe_runs_then_its_muon_and_residual_variants(tmp_path, monkeypatch):
     commands = []
 
     def record(command, timeout, env=None, cwd=None):
@@ -46,8 +46,10 @@ def test_the_cifar_recipe_runs_then_its_muon_variant(tmp_path, monkeypatch):
     (tmp_path / "cifar" / "train").mkdir(parents=True)
     options = argparse.Namespace(accelerator="gpu", cifar_dir=tmp_path / "cifar")
     report = "\n".join(gpu_check.cifar_recipe(options, tmp_path))
-    sgd, muon = commands
-    assert muon[: len(sgd)] == sgd and "--data=datamodules.ImageFolderDataModule" in sgd
-    variant = muon[muon.index("-c", len(sgd)) + 1]
-    assert Path(variant) == ROOT / "configs" / "variants" / "cifar10_muon.yaml" and Path(variant).is_file()
-    assert "Muon variant (8 epochs)" in report
+    sgd, *variants = commands
+    assert "--data=datamodules.ImageFolderDataModule" in sgd and len(variants) == 2
+    for command, name in zip(variants, ("muon", "residual"), strict=True):
+        assert command[: len(sgd)] == sgd
+        variant = command[command.index("-c", len(sgd)) + 1]
+        assert Path(variant) == ROOT / "configs" / "variants" / f"cifar10_{name}.yaml" and Path(variant).is_file()
+    assert "Muon variant (8 epochs)" in report and "residual variant" in report
