@@ -34,17 +34,10 @@ from datamodules.base import CorruptDataError, DataNotFoundError, EvalLoaders, d
 from datamodules.episodes import EpisodeDataset, EpisodeSampler, WithinAlphabetEpisodes, symmetry_ids
 from datamodules.loaders import slicing_loader, trainer_shard, training_seed
 from datamodules.omniglot_images import CharacterImages, load_image, load_tree  # noqa: F401  (load_image: re-exported)
+from datamodules.splits import part_size
 
 SplitName = Literal["alphabets", "characters"]
 STREAMS = {"train": 0, "val": 1, "test": 2}  # independent random streams per split
-
-
-def _count(value: int | float, total: int, what: str) -> int:
-    """A count, or a fraction of ``total`` (rounded, at least 1 when the fraction is positive)."""
-    n = max(1, round(value * total)) if isinstance(value, float) and value > 0 else int(value)
-    if not 0 <= n < total:
-        raise ValueError(f"{what}={value} asks for {n} of {total}; pass a smaller count or a fraction in [0, 1).")
-    return n
 
 
 # ---- the datamodule ----------------------------------------------------------------------------------------------
@@ -269,8 +262,8 @@ class OmniglotDataModule(EvalLoaders, pl.LightningDataModule):
         if hp.split == "characters":
             table = CharacterImages.concat([self._table("background"), self._table("evaluation")])
             n = len(table.characters)
-            n_test = _count(hp.test_classes, n, "test_classes")
-            n_val = _count(hp.val_classes, n - n_test, "val_classes")
+            n_test = part_size(hp.test_classes, n, "test_classes")
+            n_val = part_size(hp.val_classes, n - n_test, "val_classes")
             order = torch.randperm(n, generator=generator).tolist()
             parts = {
                 "test": sorted(order[:n_test]),
@@ -295,7 +288,7 @@ class OmniglotDataModule(EvalLoaders, pl.LightningDataModule):
             background = background.select([i for i, a in enumerate(background.alphabets) if a not in held_out])
         if "fit" in stages:
             alphabets = sorted(set(background.alphabets))
-            n_val = _count(hp.val_alphabets, len(alphabets), "val_alphabets") if hp.val_alphabets else 0
+            n_val = part_size(hp.val_alphabets, len(alphabets), "val_alphabets") if hp.val_alphabets else 0
             held_out = {alphabets[i] for i in torch.randperm(len(alphabets), generator=generator)[:n_val].tolist()}
             in_val = [a in held_out for a in background.alphabets]
             tables["train"] = background.select([i for i, v in enumerate(in_val) if not v])

@@ -37,6 +37,15 @@ def split_indices(n: int, val_size: int | float, seed: int) -> tuple[Tensor, Ten
     return perm[n_val:], perm[:n_val]
 
 
+def part_size(value: int | float, total: int, what: str) -> int:
+    """How many of ``total`` items a split part takes: a count, or a fraction of ``total`` (rounded, at least 1 when
+    the fraction is positive), below ``total``."""
+    n = max(1, round(value * total)) if isinstance(value, float) and value > 0 else int(value)
+    if not 0 <= n < total:
+        raise ValueError(f"{what}={value} asks for {n} of {total}; pass a smaller count or a fraction in [0, 1).")
+    return n
+
+
 def check_fold(fold: int | None, num_folds: int) -> None:
     """Raise a ``ValueError`` naming the fix when ``fold`` / ``num_folds`` cannot describe one fold of a k-fold."""
     if isinstance(num_folds, bool) or not isinstance(num_folds, int) or num_folds < 2:
