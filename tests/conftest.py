@@ -1,5 +1,6 @@
-"""Fixtures of the tests: tiny datasets in their real on-disk formats (written by :mod:`datamodules.synthetic`, no
-downloads, no mocks of the loaders), a quiet CPU trainer, and W&B's process-wide state reset after each test."""
+"""Fixtures of the tests: tiny datasets in their real on-disk formats (written by :mod:`datamodules.synthetic` and
+``omniglot_fakes``, no downloads, no mocks of the loaders), a quiet CPU trainer, and W&B's process-wide state reset
+after each test."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omniglot_fakes import write_torchvision_layout
 
 from datamodules.synthetic import write_cifar10, write_idx, write_mnist
 
@@ -31,6 +33,13 @@ def quiet_trainer(tmp_path: Path, **overrides):
 @pytest.fixture
 def mnist_dir(tmp_path: Path) -> Path:
     return write_mnist(tmp_path / "data")
+
+
+@pytest.fixture(scope="module")
+def omniglot_dir(tmp_path_factory) -> Path:
+    """torchvision's layout with 5 background alphabets x 6 characters and 2 evaluation alphabets x 5, 20 drawings
+    each, 35x35 PNGs (1-bit, like the real 105x105 ones; smaller only to keep the tests fast)."""
+    return write_torchvision_layout(tmp_path_factory.mktemp("omniglot"), size=35)
 
 
 @pytest.fixture(autouse=True)
