@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from few_shot_predict import load_model
 from omniglot_fakes import write_tree
 from PIL import Image
@@ -306,6 +307,29 @@ def test_centred_sets_remove_a_style_that_every_query_shares():
         model.logits({**episode, "query": query[:3], "query_labels": order[:3]})
 
 
+def test_all_pairs_makes_every_column_the_support_of_every_other():
+    torch.manual_seed(0)
+    model = ProtoNet(num_classes=3, all_pairs=True)
+    model.encoder = torch.nn.Flatten()  # embeddings are the pixels
+    grid = torch.rand(3, 4, 1, 28, 28)  # 3 classes x (a support drawing, then 3 queries)
+    labels = torch.arange(3)
+    episode = {"support": grid[:, 0], "support_labels": labels, "query": grid[:, 1:].reshape(9, 1, 28, 28),
+               "query_labels": labels.repeat_interleave(3)}  # fmt: skip
+    logits, targets = model.column_pair_logits(episode)
+    assert logits.shape == (12 * 3, 3) and torch.equal(targets, labels.repeat(12))  # 4 x 3 ordered column pairs
+    column = [grid[:, i].flatten(1) for i in range(4)]
+    pairs = [(i, j) for i in range(4) for j in range(4) if i != j]  # (drawings of column i, support column j)
+    each = [F.cross_entropy(-squared_euclidean(column[i], column[j]), labels) for i, j in pairs]
+    torch.testing.assert_close(F.cross_entropy(logits, targets), torch.stack(each).mean())
+    # without all_pairs the support column scores every query column; the first of those is pair (1, 0), rows 9-11
+    torch.testing.assert_close(logits[9:12], model.logits({**episode, "query": grid[:, 1], "query_labels": labels}))
+    two_shot = {**episode, "support": grid[:, :2].reshape(6, 1, 28, 28), "support_labels": labels.repeat_interleave(2)}
+    with pytest.raises(
+        ValueError, match=r"6 support and 9 query drawings for 3 classes\. Set --data\.init_args\.train_shot 1"
+    ):
+        model.column_pair_logits(two_shot)
+
+
 def test_fast_config_fits_tests_within_alphabet_and_resumes(small_sets, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     common = ["-c", str(ROOT / "configs" / "omniglot" / "fast.yaml"), "--data.init_args.data_dir", str(small_sets),
@@ -317,7 +341,7 @@ def test_fast_config_fits_tests_within_alphabet_and_resumes(small_sets, tmp_path
     length = ["--model.init_args.lr_scheduler.init_args.total_steps", "6"]  # the resumed run's, set from the start
     cli = main(["fit", *common, *length, "--trainer.max_epochs", "1"])
     assert cli.datamodule.hparams.test_within_alphabet and cli.datamodule.augment.rotation_range > 0
-    assert cli.datamodule.hparams.train_within_alphabet and cli.model.tta_symmetries == 8
+    assert cli.datamodule.hparams.train_within_alphabet and cli.model.tta_symmetries == 8 and cli.model.all_pairs
     assert cli.trainer.callback_metrics["test/episodes"] == 4 and 0 <= cli.trainer.callback_metrics["test/acc"] <= 1
     last = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 3
