@@ -213,6 +213,7 @@ def test_wandb_offline_run(mnist_dir, tmp_path):
     assert len(offline_runs) == 1 and list(offline_runs[0].glob("*.wandb"))
 
 
+@pytest.mark.slow  # two DDP launches, ~50 s on 2 slow cores; test_ddp.py checks DDP training in CI
 def test_fit_under_ddp_with_two_cpu_processes(tmp_path):
     """Real DDP through the CLI (Lightning re-launches the script per rank, gloo): one run dir, one set of files."""
     command = [sys.executable, str(ROOT / "scripts" / "train.py"), "fit", "-c", str(ROOT / "configs/quickstart.yaml"),

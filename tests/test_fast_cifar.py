@@ -183,7 +183,8 @@ def test_residual_groups_pass_their_entry_through():
     torch.testing.assert_close(group(x), entry)
 
 
-@pytest.mark.parametrize("filter_optimizer", ["sgd", pytest.param("muon", marks=pytest.mark.slow)])
+@pytest.mark.slow  # two launches with 2 DDP processes, ~40 s on 2 slow cores; test_ddp.py covers DDP in CI
+@pytest.mark.parametrize("filter_optimizer", ["sgd", "muon"])
 def test_ddp_trains_the_recipe_as_one_process_with_the_same_global_batch(tmp_path, filter_optimizer):
     """2 CPU processes (gloo) x 1 image x 4 accumulated = one process x 1 image x 8 accumulated: same weights.
 

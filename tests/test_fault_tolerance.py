@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -232,7 +233,7 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch)
     assert previous["global_step"] == 1 and torch.equal(previous["state_dict"]["w"], torch.ones(1000))
 
 
-def test_damaged_checkpoint_is_one_clear_error(mnist_dir, tmp_path):
+def test_damaged_checkpoint_is_one_clear_error(mnist_dir, tmp_path, monkeypatch, capsys):
     from train import main
 
     common = ["-c", str(MLP), "--data.init_args.data_dir", str(mnist_dir), "--data.init_args.val_size", "64"]
@@ -243,13 +244,14 @@ def test_damaged_checkpoint_is_one_clear_error(mnist_dir, tmp_path):
     last.write_bytes(data[: len(data) // 2])  # cut in half, as a crash during a plain write leaves it
     with pytest.raises(CheckpointError, match=r"last\.ckpt cannot be read: it is damaged or incomplete.*ls -lt"):
         main(["fit", *common, "--ckpt_path", "last"])
-    # From the shell: one paragraph naming the file and the fix, no traceback.
-    result = subprocess.run(
-        [sys.executable, str(TRAIN), "test", *common, "--ckpt_path", str(last)], capture_output=True, text=True
-    )
-    assert result.returncode == 1
-    assert f"error: Checkpoint {last} cannot be read" in result.stderr and "ls -lt" in result.stderr
-    assert "Traceback" not in result.stderr
+    # As `python scripts/train.py test ...` (its __main__ block, run here to spare a new interpreter): one paragraph
+    # naming the file and the fix, exit code 1, no traceback.
+    monkeypatch.setattr(sys, "argv", [str(TRAIN), "test", *common, "--ckpt_path", str(last)])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(TRAIN), run_name="__main__")
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert f"error: Checkpoint {last} cannot be read" in err and "ls -lt" in err and "Traceback" not in err
 
 
 class _RunsCode:

@@ -327,9 +327,9 @@ class SignalAt(Callback):
 
 
 def test_slurm_requeues_continue_the_run_and_validate_every_epoch_once(mnist_dir, tmp_path, monkeypatch):
-    """Twenty requeues, the signal landing in every phase of an epoch: one run directory, every epoch validated and
-    logged once, and the final weights of the uninterrupted run."""
-    epochs, requeues = 24, 20
+    """Twelve requeues, the signal landing in every phase of an epoch (at its first and at its second call): one run
+    directory, every epoch validated and logged once, and the final weights of the uninterrupted run."""
+    epochs, requeues = 16, 12
     args = ["fit", *mlp(mnist_dir, "--trainer.max_epochs", str(epochs), "--data.init_args.batch_size", "64",
                         "--trainer.deterministic", "true")]  # fmt: skip
     (tmp_path / "reference").mkdir()
@@ -351,7 +351,7 @@ def test_slurm_requeues_continue_the_run_and_validate_every_epoch_once(mnist_dir
     job = [*args, "--trainer.default_root_dir", "runs/slurm/777", "--trainer.callbacks+=callbacks.SafeRequeue"]
     for n in range(requeues):  # as the sbatch script does: the same command for the first launch and every requeue
         hook = HOOKS[n % len(HOOKS)]
-        at = 1 if hook == "on_sanity_check_start" else 1 + n % 2
+        at = 1 if hook == "on_sanity_check_start" else 1 + n // len(HOOKS) % 2
         signal_at = f"--trainer.callbacks+={{'class_path': 'test_runs.SignalAt', 'init_args': {{'hook': '{hook}', 'at': {at}}}}}"  # noqa: E501
         with pytest.raises(JobRequeued):
             main([*job, signal_at])

@@ -89,6 +89,7 @@ def test_a_trial_is_pruned(tmp_path, mnist_dir):
     assert (tmp_path / trial.user_attrs["run_dir"] / "checkpoints" / "last.ckpt").is_file()  # an ordinary run
 
 
+@pytest.mark.slow  # two worker processes, ~30 s on 2 slow cores; the journal-lock test below runs in CI
 def test_a_worker_killed_beside_a_live_one_leaves_a_sound_journal_and_its_trial_is_retried(tmp_path, mnist_dir):
     """Two workers write the journal at once; one is SIGKILLed mid-trial. The live one finishes its own trial, fails
     the dead one's after the heartbeat grace and runs it again with the same parameters."""
@@ -115,6 +116,7 @@ def test_a_worker_killed_beside_a_live_one_leaves_a_sound_journal_and_its_trial_
     assert all(line.endswith(b"\n") and json.loads(line) for line in lines)  # whole JSON records, nothing torn
 
 
+@pytest.mark.slow  # a 2-process DDP trial, ~25 s on 2 slow cores
 def test_a_ddp_trial_runs_its_ranks_and_is_pruned_on_all_of_them(tmp_path, mnist_dir, capfd):
     """devices_per_trial 2: the trial's two CPU ranks (gloo) start in a child process; rank zero reports, and the
     pruner's decision stops both ranks (a rank left running would hang the run)."""
