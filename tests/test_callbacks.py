@@ -4,7 +4,6 @@ leaving hooks behind, and write their pictures where the run's files and loggers
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 
 import matplotlib.image
@@ -14,7 +13,7 @@ import torch
 from conftest import quiet_trainer
 from matplotlib.figure import Figure
 from PIL import Image
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -356,58 +355,3 @@ def test_save_and_log_figure_wandb_and_non_zero_rank(tmp_path, monkeypatch):
     monkeypatch.setattr(pl.Trainer, "is_global_zero", property(lambda self: False))
     assert save_and_log_figure(trainer, Figure(), "other") is None
     assert not (tmp_path / "other.png").exists() and len(calls) == 1
-
-
-# ---- DDP ------------------------------------------------------------------------------------------------
-@pytest.fixture
-def fresh_port(monkeypatch):
-    """ddp_spawn exports MASTER_PORT in this process; a fresh port per test avoids reusing a closing one."""
-    from lightning_fabric.plugins.environments.lightning import find_free_network_port
-
-    monkeypatch.setenv("MASTER_PORT", str(find_free_network_port()))
-
-
-@pytest.mark.slow
-def test_callbacks_under_ddp(tmp_path, fresh_port):
-    """Two CPU processes (gloo): no hang, one set of files, the same lr cut on both ranks."""
-    model = CNNClassifier(filters=(4,))
-    logger = CSVLogger(tmp_path, version=0)  # else the main process numbers its own version after the workers
-    callbacks = [
-        ReduceLROnPlateauCallback(monitor="train/loss", mode="max", patience=1, check_on_train_epoch_end=True),
-        EpochLRSchedule(milestones=[2], factors=[0.5]),
-        SmoothedCurves(),
-        ActivationMaps(),
-    ]
-    trainer = make_trainer(
-        tmp_path, callbacks, max_epochs=3, strategy="ddp_spawn", devices=2, logger=logger, limit_train_batches=2
-    )
-    trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
-    run = Path(logger.log_dir)
-    assert_png(run / "curves.png")
-    assert sorted(p.name for p in (run / "activations").iterdir()) == [f"net.0.0_epoch{e:03d}.png" for e in range(3)]
-    lrs = [float(row["lr"]) for row in read_csv_metrics(logger) if row.get("lr")]
-    assert len(lrs) == 3 and all(math.isfinite(lr) for lr in lrs)
-
-
-class RankDependent(Scripted):
-    """Unsynced on purpose: rank 0 sees a plateau of val/loss, rank 1 a steady improvement."""
-
-    def validation_step(self, batch, batch_idx):
-        value = 1.0 if self.global_rank == 0 else 1.0 / (self.current_epoch + 1)
-        self.log("val/loss", value, on_step=False, on_epoch=True)
-
-
-class AssertSameLR(Callback):
-    def on_train_epoch_end(self, trainer, pl_module):
-        lrs = trainer.strategy.all_gather(torch.tensor(trainer.optimizers[0].param_groups[0]["lr"]))
-        assert torch.all(lrs == lrs[0]), f"processes disagree on the lr: {lrs.tolist()}"
-
-
-@pytest.mark.slow
-def test_plateau_decision_follows_rank_zero_under_ddp(tmp_path, fresh_port):
-    logger = CSVLogger(tmp_path, version=0)
-    callbacks = [ReduceLROnPlateauCallback(patience=1, factor=0.5, min_delta=0.0), AssertSameLR()]
-    trainer = make_trainer(tmp_path, callbacks, max_epochs=3, strategy="ddp_spawn", devices=2, logger=logger)
-    trainer.fit(RankDependent())
-    lrs = [float(row["lr"]) for row in read_csv_metrics(logger) if row.get("lr")]
-    assert lrs == pytest.approx([0.1, 0.05, 0.025])  # rank 0's plateau decides for both
