@@ -327,8 +327,9 @@ class SignalAt(Callback):
 
 
 def test_slurm_requeues_continue_the_run_and_validate_every_epoch_once(mnist_dir, tmp_path, monkeypatch):
-    """Twelve requeues, the signal landing in every phase of an epoch (at its first and at its second call): one run
-    directory, every epoch validated and logged once, and the final weights of the uninterrupted run."""
+    """Twelve requeues, the signal landing in every phase of an epoch (each hook but the sanity check's at its first
+    and at its second call): one run directory, every epoch validated and logged once, and the final weights of the
+    uninterrupted run."""
     epochs, requeues = 16, 12
     args = ["fit", *mlp(mnist_dir, "--trainer.max_epochs", str(epochs), "--data.init_args.batch_size", "64",
                         "--trainer.deterministic", "true")]  # fmt: skip
