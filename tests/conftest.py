@@ -1,6 +1,6 @@
 """Fixtures of the tests: tiny datasets in their real on-disk formats (written by :mod:`datamodules.synthetic` and
-``omniglot_fakes``, no downloads, no mocks of the loaders), a quiet CPU trainer, and W&B's process-wide state reset
-after each test."""
+``omniglot_fakes``, no downloads, no mocks of the loaders), a quiet CPU trainer, and W&B's and torch's process-wide
+state reset after each test."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from omniglot_fakes import write_torchvision_layout
 
 from datamodules.synthetic import write_cifar10, write_idx, write_mnist
@@ -50,3 +51,16 @@ def _fresh_wandb_state():
     wandb = sys.modules.get("wandb")
     if wandb is not None:
         wandb.teardown()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_torch_flags():
+    """A CLI run sets process-wide torch flags (``--trainer.deterministic``, ``--float32_matmul_precision``, the
+    speed switches' cuDNN benchmark); tests run many in one process, so what one test sets is undone when it ends."""
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    cudnn = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    precision = torch.get_float32_matmul_precision()
+    yield
+    torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = cudnn
+    torch.set_float32_matmul_precision(precision)

@@ -273,7 +273,6 @@ def test_speed_switches(mnist_dir):
     conv = next(m for m in cli.model._orig_mod.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
-    torch.set_float32_matmul_precision("highest")
 
 
 def test_no_profiler_by_default_and_a_requested_one_is_kept():
