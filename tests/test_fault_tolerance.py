@@ -1,7 +1,8 @@
 """Fault tolerance, reproducibility and checkpoint safety.
 
-The centrepiece kills ``scripts/train.py fit`` with SIGKILL in mid-epoch, resumes it with ``--ckpt_path last``
-in a new process and checks that the final weights are bit-identical to an uninterrupted run's.
+The centrepiece kills a ``scripts/train.py fit`` process with SIGKILL in mid-epoch, resumes it with ``--ckpt_path
+last`` (``train.py``'s ``__main__`` run again, in the test process) and checks that the final weights are
+bit-identical to an uninterrupted run's.
 """
 
 from __future__ import annotations
