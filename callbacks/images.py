@@ -84,9 +84,11 @@ def save_and_log_figure(
             ``name`` to get one PNG per epoch but a single TensorBoard image with a step slider.
 
     Returns:
-        The path of the written PNG on global rank zero, ``None`` elsewhere.
+        The path of the written PNG on global rank zero, ``None`` elsewhere and under ``fast_dev_run``.
 
-    TensorBoard gets ``add_image``, Weights & Biases ``log_image``; other loggers are skipped.
+    TensorBoard gets ``add_image``, Weights & Biases ``log_image``; other loggers are skipped. Under
+    ``fast_dev_run``, Lightning's smoke test that logs and checkpoints nothing, the picture is drawn (so its code
+    is checked) but neither saved nor logged: it would land in the working directory, which is no run's folder.
     """
     try:
         if not trainer.is_global_zero:
@@ -94,6 +96,8 @@ def save_and_log_figure(
         pixels = to_rgb_array(image)
     finally:
         _close(image)
+    if trainer.fast_dev_run:
+        return None
     path = run_dir(trainer) / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path)

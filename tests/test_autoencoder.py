@@ -163,10 +163,11 @@ def test_colorization_config_trains_and_draws_triplets(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))  # fake files
     root = write_cifar10(tmp_path / "data")
+    one_batch = [f"--trainer.limit_{stage}_batches=1" for stage in ("train", "val", "test")]
     cli = main(["fit", "-c", str(ROOT / "configs/cifar10/colorization.yaml"), "--data.init_args.data_dir", str(root),
                 "--data.init_args.val_size", "20", "--data.init_args.batch_size", "8",
-                "--trainer.fast_dev_run", "1"])  # fmt: skip
-    assert (tmp_path / "reconstructions" / "epoch000.png").is_file()  # fast_dev_run: no logger, the root dir
+                "--trainer.max_epochs", "1", *one_batch])  # fmt: skip
+    assert (Path(cli.trainer.log_dir) / "reconstructions" / "epoch000.png").is_file()
     assert torch.isfinite(cli.trainer.callback_metrics["val/mse"])
     grid = cli.trainer.callbacks[[type(c).__name__ for c in cli.trainer.callbacks].index("ReconstructionGrid")]
     names = [name for name, _ in grid.panels(cli.model, grid._sample)]

@@ -355,3 +355,17 @@ def test_save_and_log_figure_wandb_and_non_zero_rank(tmp_path, monkeypatch):
     monkeypatch.setattr(pl.Trainer, "is_global_zero", property(lambda self: False))
     assert save_and_log_figure(trainer, Figure(), "other") is None
     assert not (tmp_path / "other.png").exists() and len(calls) == 1
+
+
+def test_save_and_log_figure_writes_nothing_under_fast_dev_run(tmp_path):
+    """fast_dev_run has no loggers, so the run folder would be the working directory: the picture is drawn only."""
+    drawn = []
+
+    class Spy(Figure):
+        def draw(self, renderer):
+            drawn.append(True)
+            return super().draw(renderer)
+
+    trainer = make_trainer(tmp_path, [], max_epochs=1, fast_dev_run=1)
+    assert save_and_log_figure(trainer, Spy(), "curves") is None
+    assert drawn and list(tmp_path.iterdir()) == []
