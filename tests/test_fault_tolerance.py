@@ -76,6 +76,15 @@ def _subprocess_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
 
 
+def _train_as_script(monkeypatch, *args: str) -> int | str | None:
+    """``python scripts/train.py ARGS`` run in this process (its ``__main__`` block), sparing the 10-14 s of imports
+    a new interpreter costs on a slow CPU; returns its exit code."""
+    monkeypatch.setattr(sys, "argv", [str(TRAIN), *args])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(TRAIN), run_name="__main__")
+    return exit_.value.code
+
+
 def _metrics(run_dir: Path) -> list[dict[str, str]]:
     with (run_dir / "metrics.csv").open(newline="") as file:
         return list(csv.DictReader(file))
@@ -118,13 +127,11 @@ def test_kill_mid_epoch_and_resume_gives_the_uninterrupted_weights(mnist_dir, tm
     assert (interrupted["global_step"], interrupted["epoch"]) == (16, 1)  # a mid-epoch checkpoint: the resume
     # below must continue the data order from its 5th batch for the weights to come out equal.
 
-    # The restart runs train.py's __main__ in this process: what a new process would do, without its 10-14 s of
-    # imports on a slow CPU. Only the file on disk links it to the killed run.
+    # The restart runs train.py's __main__ in this process: only the file on disk links it to the killed run.
     monkeypatch.chdir(killed_dir)
-    monkeypatch.setattr(sys, "argv", [str(TRAIN), *_fit_command(mnist_dir, config, "--ckpt_path", "last")[2:]])
-    with pytest.raises(SystemExit) as exit_, caplog.at_level(logging.INFO):
-        runpy.run_path(str(TRAIN), run_name="__main__")
-    assert exit_.value.code in (None, 0)
+    with caplog.at_level(logging.INFO):
+        code = _train_as_script(monkeypatch, *_fit_command(mnist_dir, config, "--ckpt_path", "last")[2:])
+    assert code in (None, 0)
     assert f"Using checkpoint {Path('runs/mnist_mlp/version_0/checkpoints/last.ckpt')}" in caplog.text
     assert reference.wait(timeout=120) == 0, reference.stdout.read().decode()[-3000:]
     reference.stdout.close()
@@ -249,12 +256,8 @@ def test_damaged_checkpoint_is_one_clear_error(mnist_dir, tmp_path, monkeypatch,
     last.write_bytes(data[: len(data) // 2])  # cut in half, as a crash during a plain write leaves it
     with pytest.raises(CheckpointError, match=r"last\.ckpt cannot be read: it is damaged or incomplete.*ls -lt"):
         main(["fit", *common, "--ckpt_path", "last"])
-    # As `python scripts/train.py test ...` (its __main__ block, run here to spare a new interpreter): one paragraph
-    # naming the file and the fix, exit code 1, no traceback.
-    monkeypatch.setattr(sys, "argv", [str(TRAIN), "test", *common, "--ckpt_path", str(last)])
-    with pytest.raises(SystemExit) as exit_:
-        runpy.run_path(str(TRAIN), run_name="__main__")
-    assert exit_.value.code == 1
+    # As `python scripts/train.py test ...`: one paragraph naming the file and the fix, exit code 1, no traceback.
+    assert _train_as_script(monkeypatch, "test", *common, "--ckpt_path", str(last)) == 1
     err = capsys.readouterr().err
     assert f"error: Checkpoint {last} cannot be read" in err and "ls -lt" in err and "Traceback" not in err
 
