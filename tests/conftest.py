@@ -1,9 +1,10 @@
 """Fixtures of the tests: tiny datasets in their real on-disk formats (written by :mod:`datamodules.synthetic` and
-``omniglot_fakes``, no downloads, no mocks of the loaders), a quiet CPU trainer, and W&B's and torch's process-wide
-state reset after each test."""
+``omniglot_fakes``, no downloads, no mocks of the loaders), a quiet CPU trainer, W&B's and torch's process-wide
+state reset after each test, and the CPU cores shared out between pytest-xdist's workers (``make test``)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,17 @@ from omniglot_fakes import write_torchvision_layout
 from datamodules.synthetic import write_cifar10, write_idx, write_mnist
 
 __all__ = ["quiet_trainer", "write_cifar10", "write_idx", "write_mnist"]
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``-n``), each worker gets an equal share of the cores for torch's threads, and so do the
+    processes its tests start: with torch's default of one thread per core in every worker, the workers' threads
+    contend for the same cores and the suite runs barely faster than one process (measured in BENCHMARKS.md)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 def quiet_trainer(tmp_path: Path, **overrides):
