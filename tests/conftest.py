@@ -20,7 +20,7 @@ __all__ = ["quiet_trainer", "write_cifar10", "write_idx", "write_mnist"]
 def pytest_configure(config):
     """Under pytest-xdist (``-n``), each worker gets an equal share of the cores for torch's threads, and so do the
     processes its tests start: with torch's default of one thread per core in every worker, the workers' threads
-    contend for the same cores and the suite runs barely faster than one process (measured in BENCHMARKS.md)."""
+    contend for the same cores, and the suite takes about a quarter longer (measured in BENCHMARKS.md)."""
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:
         threads = max(1, (os.cpu_count() or 1) // int(workers))
