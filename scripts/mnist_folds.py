@@ -76,7 +76,8 @@ def write_folds(x: np.ndarray, y: np.ndarray, out: Path, folds: int) -> list[Pat
         for split, rows in (("train", train), ("test", test)):
             for name, array in zip(MNIST_FILES[split], (x[rows], y[rows]), strict=True):
                 (raw / f"{name}.gz").unlink(missing_ok=True)  # the loader would otherwise see two copies' names
-                os.replace(write_idx(raw / f"{name}.part", array), raw / name)
+                # a name of this process's own: under DDP every rank writes the same files at once
+                os.replace(write_idx(raw / f"{name}.{os.getpid()}.part", array), raw / name)
         dirs.append(out / f"fold{k}")
     return dirs
 
@@ -129,7 +130,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {r['cpu_s'] / 60:.2f} min |"
         )
     acc, errors, images, half = pooled(rows)
-    lines.append(f"| all | {images} | **{100 * acc:.2f} ± {100 * half:.2f} %** | {errors} | | |")
+    lines.append(f"| all | {images:,} | **{100 * acc:.2f} ± {100 * half:.2f} %** | {errors} | | |")
     return "\n".join(lines)
 
 
@@ -159,8 +160,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(f"{args.folds} folds of {len(x)} images in {dirs[0].parent} (fold0 to fold{args.folds - 1})")
     if args.data_only:
         return []
+    from pytorch_lightning.utilities import rank_zero_only
+
     rows = run_folds(dirs, args.config, experiment_name(args.config), rest)
-    print(table(rows))
+    if rank_zero_only.rank == 0:  # every DDP rank runs the folds; one prints
+        print(table(rows))
     return rows
 
 
