@@ -57,7 +57,7 @@ def read_digits(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def test_blocks(n: int, folds: int) -> list[np.ndarray]:
+def held_out_blocks(n: int, folds: int) -> list[np.ndarray]:
     """The test indices of each fold: ``folds`` blocks of consecutive indices covering ``0 .. n-1`` once."""
     if not 2 <= folds <= n:
         raise ValueError(f"--folds {folds}: choose between 2 and the number of images ({n}).")
@@ -69,7 +69,7 @@ def write_folds(x: np.ndarray, y: np.ndarray, out: Path, folds: int) -> list[Pat
     Each file is written whole under a temporary name and then renamed, so an interrupted run leaves no fold that
     mixes two sets of images."""
     dirs = []
-    for k, test in enumerate(test_blocks(len(x), folds)):
+    for k, test in enumerate(held_out_blocks(len(x), folds)):
         train = np.setdiff1d(np.arange(len(x)), test)  # sorted: the training images keep their order
         raw = out / f"fold{k}" / "MNIST" / "raw"
         raw.mkdir(parents=True, exist_ok=True)

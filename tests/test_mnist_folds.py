@@ -7,7 +7,7 @@ import pytest
 from mnist_folds import main, pooled, write_folds
 
 from datamodules.base import CorruptDataError, DataNotFoundError
-from datamodules.mnist import read_idx_ubyte
+from datamodules.mnist import MNIST_FILES, read_idx_ubyte
 from datamodules.synthetic import fake_digits, write_idx
 
 
@@ -17,12 +17,9 @@ def numbered_digits(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_fold(folder, split):
-    names = {
-        "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-        "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-    }[split]
+    images, labels = MNIST_FILES[split]
     raw = folder / "MNIST" / "raw"
-    return read_idx_ubyte(raw / names[0], 3).numpy(), read_idx_ubyte(raw / names[1], 1).numpy()
+    return read_idx_ubyte(raw / images, 3).numpy(), read_idx_ubyte(raw / labels, 1).numpy()
 
 
 def test_every_image_is_tested_once_and_the_others_train_in_order(tmp_path):
