@@ -17,8 +17,8 @@ training split only (the validation reviews carved from it do not vote), applied
 new sentences, saved in every checkpoint (``state_dict``) and as ``vocab.json`` in the run directory, so
 ``test``/``predict`` from a checkpoint encode exactly as training did. The files, the tokenised corpus and its
 on-disk cache are :class:`~datamodules.imdb_corpus.IMDBCorpus`: ``prepare_data`` tokenises once and caches the
-result. Changing ``num_words``, ``maxlen``, ``ngram_range``, ``max_ngrams``, ``binary``, ``val_size``, ``fold`` or
-``seed`` reuses the cache: those are applied in ``setup``.
+result. Changing ``num_words``, ``maxlen``, ``ngram_range``, ``max_ngrams``, ``binary``, ``val_size``, ``fold``,
+``val_by_film`` or ``seed`` reuses the cache: those are applied in ``setup``.
 """
 
 from __future__ import annotations
@@ -90,6 +90,10 @@ class IMDBDataModule(pl.LightningDataModule):
             instead of the ``val_size`` hold-out (see :mod:`datamodules.splits`). ``None``: no folds.
         num_folds: Number of folds K when ``fold`` is set (at least 2).
         stratify_folds: Keep every fold's positive/negative ratio (``StratifiedKFold``); ``False``: ``KFold``.
+        val_by_film: Validation (and each fold) takes whole films: the reviews of one film, up to 30, are all on the
+            same side (about ``val_size`` reviews), as the official test split shares no film with the training
+            split. A random split puts reviews of one film on both sides, and ``val/acc`` then also rewards
+            remembering films' names. Needs the archive's ``train/urls_{neg,pos}.txt``.
     """
 
     num_classes = 2
@@ -121,6 +125,7 @@ class IMDBDataModule(pl.LightningDataModule):
         fold: int | None = None,
         num_folds: int = 5,
         stratify_folds: bool = True,
+        val_by_film: bool = False,
     ) -> None:
         super().__init__()
         if representation not in ("multi_hot", "sequence", "sentence_embedding", "ngrams"):
@@ -277,6 +282,7 @@ class IMDBDataModule(pl.LightningDataModule):
                 fold=hp.fold,
                 num_folds=hp.num_folds,
                 stratify=hp.stratify_folds,
+                groups=self.reader.film_groups("train") if hp.val_by_film else None,
             )
 
     def _dataset(self, split: str, rows: Tensor | None = None) -> TokenDataset | BagDataset:

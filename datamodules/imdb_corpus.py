@@ -20,7 +20,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from datamodules.base import DataNotFoundError, atomic_save
+from datamodules.base import CorruptDataError, DataNotFoundError, atomic_save
 from datamodules.text import (
     OOV,
     TOKENIZER_VERSION,
@@ -130,6 +130,34 @@ class IMDBCorpus:
                 found = sorted((e.name, e.stat().st_size) for e in entries if e.name.endswith(".txt"))
             listing += [(folder / file, label, size) for file, size in found]
         return listing
+
+    def film_groups(self, split: str = "train") -> Tensor:
+        """A film id per review of ``split`` (in :meth:`files` order), from the archive's ``urls_neg.txt`` /
+        ``urls_pos.txt``: line ``i`` is the IMDb page of the film of review ``i_<rating>.txt``."""
+        urls = {}
+        for name in LABELS:
+            path = self.root / split / f"urls_{name}.txt"
+            if not path.is_file():
+                raise DataNotFoundError(
+                    f"val_by_film needs {path}, the film of each review, which Stanford's archive ships beside "
+                    f"{split}/{name}/ and this copy of aclImdb lacks. Extract aclImdb_v1.tar.gz again (or copy "
+                    "its urls_*.txt files back), or set --data.init_args.val_by_film false."
+                )
+            urls[name] = read_text_file(path).splitlines()
+        films: dict[str, int] = {}
+        groups = []
+        for path, label in self.files(split):
+            review, lines = path.name.split("_")[0], urls[LABELS[label]]
+            if not review.isdigit() or int(review) >= len(lines):
+                raise CorruptDataError(
+                    f"{path} has no line in {self.root / split / f'urls_{LABELS[label]}.txt'} ({len(lines)} lines; "
+                    "reviews are named <id>_<rating>.txt and review <id> is on line <id>): the file and the "
+                    "reviews do not belong together. Restore both from aclImdb_v1.tar.gz, or set "
+                    "--data.init_args.val_by_film false."
+                )
+            review = int(review)
+            groups.append(films.setdefault(lines[review].strip(), len(films)))
+        return torch.tensor(groups, dtype=torch.int64)
 
     def where_to_put_it(self) -> str:
         return (

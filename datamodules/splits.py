@@ -13,6 +13,10 @@ class labels (scikit-learn's ``StratifiedKFold``; ``KFold`` for regression targe
 So the K runs ``fold=0 .. K-1`` of one seed validate on disjoint parts that together cover the training split,
 and each can be its own job (``--data.init_args.fold 2 --data.init_args.num_folds 5``). The test split is never
 touched, and the normalisation statistics (the vocabulary for text) come from the fold's training part only.
+
+Where samples come in groups that must not straddle the split (IMDB's reviews of one film: ``val_by_film``), both
+the hold-out and the folds take whole groups (scikit-learn's ``GroupShuffleSplit`` and ``StratifiedGroupKFold`` /
+``GroupKFold``); the hold-out then holds about ``val_size`` samples.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import itertools
 
 import numpy as np
 import torch
-from sklearn.model_selection import KFold, StratifiedKFold
+from sklearn.model_selection import GroupKFold, GroupShuffleSplit, KFold, StratifiedGroupKFold, StratifiedKFold
 from torch import Tensor
 
 
@@ -62,12 +66,18 @@ def check_fold(fold: int | None, num_folds: int) -> None:
 
 
 def fold_indices(
-    targets: Tensor | np.ndarray, fold: int, num_folds: int, seed: int, stratify: bool = True
+    targets: Tensor | np.ndarray,
+    fold: int,
+    num_folds: int,
+    seed: int,
+    stratify: bool = True,
+    groups: Tensor | np.ndarray | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(train, val) indices into ``targets`` for fold ``fold`` of a seeded ``num_folds``-fold split.
 
     The val indices of folds ``0 .. num_folds - 1`` are disjoint and cover ``range(len(targets))``; with
-    ``stratify`` each fold keeps the class proportions of ``targets`` (class labels). Both are sorted.
+    ``stratify`` each fold keeps the class proportions of ``targets`` (class labels), as far as whole ``groups``
+    allow when they are given. Both are sorted.
     """
     check_fold(fold, num_folds)
     targets = targets.numpy() if isinstance(targets, Tensor) else np.asarray(targets)
@@ -76,8 +86,18 @@ def fold_indices(
             f"num_folds={num_folds}: more folds than the {len(targets)} training samples; lower "
             "--data.init_args.num_folds."
         )
-    splitter = (StratifiedKFold if stratify else KFold)(n_splits=num_folds, shuffle=True, random_state=seed)
-    train, val = next(itertools.islice(splitter.split(np.zeros(len(targets)), targets), fold, None))
+    if groups is None:
+        splitter = (StratifiedKFold if stratify else KFold)(n_splits=num_folds, shuffle=True, random_state=seed)
+    else:
+        groups = np.asarray(groups)
+        if num_folds > len(np.unique(groups)):
+            raise ValueError(
+                f"num_folds={num_folds}: more folds than the {len(np.unique(groups))} groups of the training "
+                "samples; lower --data.init_args.num_folds."
+            )
+        kind = StratifiedGroupKFold if stratify else GroupKFold
+        splitter = kind(n_splits=num_folds, shuffle=True, random_state=seed)
+    train, val = next(itertools.islice(splitter.split(np.zeros(len(targets)), targets, groups), fold, None))
     return torch.from_numpy(train).long(), torch.from_numpy(val).long()
 
 
@@ -88,9 +108,25 @@ def train_val_indices(
     fold: int | None = None,
     num_folds: int = 5,
     stratify: bool = True,
+    groups: Tensor | np.ndarray | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The datamodules' train/val split of a training set with these ``targets``: the ``val_size`` hold-out when
-    ``fold`` is ``None``, else the fold (see the module docstring)."""
-    if fold is None:
+    ``fold`` is ``None``, else the fold; with ``groups`` (a group id per sample) no group straddles the two parts
+    (see the module docstring)."""
+    if fold is not None:
+        return fold_indices(targets, fold, num_folds, seed, stratify, groups)
+    if groups is None:
         return split_indices(len(targets), val_size, seed)
-    return fold_indices(targets, fold, num_folds, seed, stratify)
+    return group_split_indices(groups, val_size, seed)
+
+
+def group_split_indices(groups: Tensor | np.ndarray, val_size: int | float, seed: int) -> tuple[Tensor, Tensor]:
+    """A seeded (train, val) split of whole ``groups``, with about ``val_size`` samples (a count or a fraction)
+    in val; both sorted."""
+    groups = np.asarray(groups)
+    n_val = part_size(val_size, len(groups), "val_size")
+    if n_val == 0:
+        return torch.arange(len(groups)), torch.zeros(0, dtype=torch.long)
+    splitter = GroupShuffleSplit(n_splits=1, test_size=n_val / len(groups), random_state=seed)
+    train, val = next(splitter.split(np.zeros(len(groups)), groups=groups))
+    return torch.from_numpy(np.sort(train)).long(), torch.from_numpy(np.sort(val)).long()
