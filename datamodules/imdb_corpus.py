@@ -155,8 +155,7 @@ class IMDBCorpus:
                     "reviews do not belong together. Restore both from aclImdb_v1.tar.gz, or set "
                     "--data.init_args.val_by_film false."
                 )
-            review = int(review)
-            groups.append(films.setdefault(lines[review].strip(), len(films)))
+            groups.append(films.setdefault(lines[int(review)].strip(), len(films)))
         return torch.tensor(groups, dtype=torch.int64)
 
     def where_to_put_it(self) -> str:

@@ -90,10 +90,11 @@ def fold_indices(
         splitter = (StratifiedKFold if stratify else KFold)(n_splits=num_folds, shuffle=True, random_state=seed)
     else:
         groups = np.asarray(groups)
-        if num_folds > len(np.unique(groups)):
+        n_groups = len(np.unique(groups))
+        if num_folds > n_groups:
             raise ValueError(
-                f"num_folds={num_folds}: more folds than the {len(np.unique(groups))} groups of the training "
-                "samples; lower --data.init_args.num_folds."
+                f"num_folds={num_folds}: more folds than the {n_groups} groups of the training samples; lower "
+                "--data.init_args.num_folds."
             )
         kind = StratifiedGroupKFold if stratify else GroupKFold
         splitter = kind(n_splits=num_folds, shuffle=True, random_state=seed)
