@@ -99,7 +99,8 @@ def cpu_seconds() -> float:
 
 
 def run_folds(dirs: list[Path], configs: list[str], name: str, cli_args: list[str]) -> list[dict[str, Any]]:
-    """``fit --test_after_fit true`` on every fold; one row per fold (test accuracy, images, wall and CPU time)."""
+    """``fit --test_after_fit true`` on every fold; one row per fold (test accuracy, images, errors, wall and CPU
+    time)."""
     from results import run_experiment  # imports Lightning: not needed to write the folds
 
     rows = []
@@ -108,14 +109,15 @@ def run_folds(dirs: list[Path], configs: list[str], name: str, cli_args: list[st
         cpu = cpu_seconds()
         row = run_experiment({"configs": configs, "args": args, "metric": "test/acc"}, max_time=None)
         images = len(read_idx_ubyte(data_dir / "MNIST" / "raw" / MNIST_FILES["test"][1], ndim=1))
-        rows.append({"fold": k, "acc": row["value"], "images": images, "wall_s": row["wall_s"]})
+        errors = round((1 - row["value"]) * images)
+        rows.append({"fold": k, "acc": row["value"], "images": images, "errors": errors, "wall_s": row["wall_s"]})
         rows[-1]["cpu_s"] = cpu_seconds() - cpu
     return rows
 
 
 def pooled(rows: list[dict[str, Any]]) -> tuple[float, int, int, float]:
     """Accuracy over every fold's test images, the errors, the images, and the half-width of its 95 % interval."""
-    errors = sum(round((1 - r["acc"]) * r["images"]) for r in rows)
+    errors = sum(r["errors"] for r in rows)
     images = sum(r["images"] for r in rows)
     acc = 1 - errors / images
     return acc, errors, images, 1.96 * math.sqrt(acc * (1 - acc) / images)
@@ -124,9 +126,8 @@ def pooled(rows: list[dict[str, Any]]) -> tuple[float, int, int, float]:
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| fold | test images | test acc | errors | wall | CPU (user + sys) |", "| --- " * 6 + "|"]
     for r in rows:
-        errors = round((1 - r["acc"]) * r["images"])
         lines.append(
-            f"| {r['fold']} | {r['images']} | {100 * r['acc']:.2f} % | {errors} | {r['wall_s']:.0f} s "
+            f"| {r['fold']} | {r['images']} | {100 * r['acc']:.2f} % | {r['errors']} | {r['wall_s']:.0f} s "
             f"| {r['cpu_s'] / 60:.2f} min |"
         )
     acc, errors, images, half = pooled(rows)
