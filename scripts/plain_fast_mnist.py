@@ -1,0 +1,113 @@
+"""The fast MNIST recipe (``configs/mnist/fast.yaml``) as a plain PyTorch loop: the reference of the time-to-accuracy
+table in BENCHMARKS.md.
+
+The recipe's network, augmentation, optimiser, one-cycle schedule, label smoothing, batch size and epochs, all read
+from the config file (not re-typed here), driven by a hand-written loop with no Lightning trainer, checkpoints,
+logging or validation. It reads the MNIST IDX files of ``D/MNIST/raw`` as ``MNISTDataModule`` does (e.g. a fold that
+``scripts/mnist_folds.py`` wrote) and prints the test accuracy and the wall time of the whole run. A gap between this
+loop and the CLI run of the same config on the same files (accuracy or time) is the framework's::
+
+    python scripts/plain_fast_mnist.py --data-dir data/mnist_folds/fold0
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from datamodules import MNISTDataModule
+from datamodules.augment import BatchAugment
+from lightning_modules.cnn import CNNClassifier, ConvNet
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist" / "fast.yaml"
+
+
+def recipe(config: Path = CONFIG) -> dict:
+    """The config's settings: ``model`` (CNNClassifier's defaults under the config's), ``optimizer``,
+    ``lr_scheduler``, ``augment``, ``data`` (the datamodule's other arguments) and ``epochs``."""
+    text = yaml.safe_load(config.read_text())
+    model_args = dict(text["model"]["init_args"])
+    defaults = inspect.signature(CNNClassifier.__init__).parameters
+    model = {name: p.default for name, p in defaults.items() if p.default is not inspect.Parameter.empty}
+    model.update({k: v for k, v in model_args.items() if k not in ("optimizer", "lr_scheduler")})
+    data = dict(text["data"]["init_args"])
+    augment = data.pop("augment")["init_args"]
+    return {
+        "model": model,
+        "optimizer": model_args["optimizer"],
+        "lr_scheduler": model_args["lr_scheduler"],
+        "augment": augment,
+        "data": data,
+        "epochs": text["trainer"]["max_epochs"],
+    }
+
+
+def class_of(spec: dict) -> type:
+    module, _, name = spec["class_path"].rpartition(".")
+    return getattr(__import__(module, fromlist=[name]), name)
+
+
+def main(argv: list[str] | None = None) -> float:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, required=True, help="holds MNIST/raw/{train,t10k}-*-idx*-ubyte[.gz]")
+    parser.add_argument("--config", type=Path, default=CONFIG, help="default: configs/mnist/fast.yaml")
+    parser.add_argument("--epochs", type=int, default=None, help="default: the config's trainer.max_epochs")
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    hp = recipe(args.config)
+    epochs = args.epochs or hp["epochs"]
+
+    data = MNISTDataModule(data_dir=str(args.data_dir), **hp["data"])
+    data.setup("fit")
+    data.setup("test")
+    images, labels = data.normalize_images(data.train_set.images), data.train_set.targets
+    test_images, test_labels = data.normalize_images(data.test_set.images), data.test_set.targets
+
+    m = hp["model"]
+    net = ConvNet(
+        data.dims, m["filters"], data.num_classes, m["kernel_size"], m["pool_size"], m["stride"], m["padding"],
+        m["dropout"], m["activation"], m["batch_norm"],
+    )  # fmt: skip
+    optimizer = class_of(hp["optimizer"])(net.parameters(), **hp["optimizer"]["init_args"])
+    batch_size = data.hparams.batch_size
+    steps_per_epoch = len(images) // batch_size + bool(len(images) % batch_size)
+    schedule = class_of(hp["lr_scheduler"])(
+        optimizer, total_steps=steps_per_epoch * epochs, **hp["lr_scheduler"]["init_args"]
+    )
+    augment = BatchAugment(**hp["augment"])
+
+    for epoch in range(epochs):
+        net.train()
+        epoch_start = time.perf_counter()
+        for batch in torch.randperm(len(images)).split(batch_size):
+            loss = F.cross_entropy(
+                net(augment(images[batch])), labels[batch], label_smoothing=m.get("label_smoothing", 0.0)
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        print(f"epoch {epoch}: loss {loss.item():.4f}, {time.perf_counter() - epoch_start:.1f} s", flush=True)
+
+    net.eval()
+    with torch.no_grad():
+        predictions = torch.cat([net(chunk).argmax(1) for chunk in test_images.split(1000)])
+    accuracy = (predictions == test_labels).float().mean().item()
+    print(f"test accuracy {accuracy:.4f} on {len(test_labels)} images; {time.perf_counter() - start:.1f} s in all")
+    return accuracy
+
+
+if __name__ == "__main__":
+    import sys
+
+    from cli_errors import run_command  # errors as one paragraph (TEMPLATE_TRACEBACK=1: the traceback)
+
+    sys.exit(run_command(main))
