@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import sys
 import time
 from pathlib import Path
 
@@ -106,8 +107,6 @@ def main(argv: list[str] | None = None) -> float:
 
 
 if __name__ == "__main__":
-    import sys
-
     from cli_errors import run_command  # errors as one paragraph (TEMPLATE_TRACEBACK=1: the traceback)
 
     sys.exit(run_command(main))
