@@ -2,10 +2,11 @@
 table in BENCHMARKS.md.
 
 The recipe's network, augmentation, optimiser, one-cycle schedule, label smoothing, batch size and epochs, all read
-from the config file (not re-typed here), driven by a hand-written loop with no Lightning trainer, checkpoints,
-logging or validation. It reads the MNIST IDX files of ``D/MNIST/raw`` as ``MNISTDataModule`` does (e.g. a fold that
-``scripts/mnist_folds.py`` wrote) and prints the test accuracy and the wall time of the whole run. A gap between this
-loop and the CLI run of the same config on the same files (accuracy or time) is the framework's::
+from the config file (not re-typed here), driven by a hand-written loop (on the GPU when one is visible, as the CLI)
+with no Lightning trainer, checkpoints, logging or validation. It reads the MNIST IDX files of ``D/MNIST/raw`` as
+``MNISTDataModule`` does (e.g. a fold that ``scripts/mnist_folds.py`` wrote) and prints the test accuracy and the
+wall time of the whole run. A gap between this loop and the CLI run of the same config on the same files (accuracy
+or time) is the framework's::
 
     python scripts/plain_fast_mnist.py --data-dir data/mnist_folds/fold0
 """
@@ -66,17 +67,20 @@ def main(argv: list[str] | None = None) -> float:
     hp = recipe(args.config)
     epochs = args.epochs or hp["epochs"]
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
     data = MNISTDataModule(data_dir=str(args.data_dir), **hp["data"])
     data.setup("fit")
     data.setup("test")
-    images, labels = data.normalize_images(data.train_set.images), data.train_set.targets
-    test_images, test_labels = data.normalize_images(data.test_set.images), data.test_set.targets
+    images = data.normalize_images(data.train_set.images.to(device))
+    labels = data.train_set.targets.to(device)
+    test_images, test_labels = data.normalize_images(data.test_set.images.to(device)), data.test_set.targets
 
     m = hp["model"]
     net = ConvNet(
         data.dims, m["filters"], data.num_classes, m["kernel_size"], m["pool_size"], m["stride"], m["padding"],
         m["dropout"], m["activation"], m["batch_norm"],
-    )  # fmt: skip
+    ).to(device)  # fmt: skip
     optimizer = class_of(hp["optimizer"])(net.parameters(), **hp["optimizer"]["init_args"])
     batch_size = data.hparams.batch_size
     steps_per_epoch = len(images) // batch_size + bool(len(images) % batch_size)
@@ -88,7 +92,7 @@ def main(argv: list[str] | None = None) -> float:
     for epoch in range(epochs):
         net.train()
         epoch_start = time.perf_counter()
-        for batch in torch.randperm(len(images)).split(batch_size):
+        for batch in torch.randperm(len(images), device=device).split(batch_size):
             loss = F.cross_entropy(
                 net(augment(images[batch])), labels[batch], label_smoothing=m.get("label_smoothing", 0.0)
             )
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> float:
 
     net.eval()
     with torch.no_grad():
-        predictions = torch.cat([net(chunk).argmax(1) for chunk in test_images.split(1000)])
+        predictions = torch.cat([net(chunk).argmax(1).cpu() for chunk in test_images.split(1000)])
     accuracy = (predictions == test_labels).float().mean().item()
     print(f"test accuracy {accuracy:.4f} on {len(test_labels)} images; {time.perf_counter() - start:.1f} s in all")
     return accuracy
