@@ -52,13 +52,13 @@ def nbsvm_accuracy(train: tuple[list[str], np.ndarray], test: tuple[list[str], n
     """Fit NBSVM on ``train`` (texts, 0/1 labels) and return its accuracy on ``test``."""
     (train_texts, y), (test_texts, test_y) = train, test
     counter = CountVectorizer(ngram_range=(1, ngrams), tokenizer=str.split, token_pattern=None, lowercase=False)
-    counts = counter.fit_transform(train_texts).astype(np.float64)
+    counts = counter.fit_transform(train_texts)
     positive = 1 + np.asarray(counts[y == 1].sum(0)).ravel()
     negative = 1 + np.asarray(counts[y == 0].sum(0)).ravel()
     ratio = np.log(positive / positive.sum()) - np.log(negative / negative.sum())
 
     def features(matrix):
-        matrix = matrix.astype(np.float64)
+        matrix = matrix.astype(np.float64)  # a copy
         matrix.data[:] = 1.0  # presence, not counts
         return matrix.multiply(ratio).tocsr()
 

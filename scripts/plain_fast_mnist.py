@@ -14,6 +14,7 @@ or time) is the framework's::
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import sys
 import time
@@ -33,12 +34,12 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist" / "fast.yaml"
 def recipe(config: Path = CONFIG) -> dict:
     """The config's settings: ``model`` (CNNClassifier's defaults under the config's), ``optimizer``,
     ``lr_scheduler``, ``augment``, ``data`` (the datamodule's other arguments) and ``epochs``."""
-    text = yaml.safe_load(config.read_text())
-    model_args = dict(text["model"]["init_args"])
+    settings = yaml.safe_load(config.read_text())
+    model_args = dict(settings["model"]["init_args"])
     defaults = inspect.signature(CNNClassifier.__init__).parameters
     model = {name: p.default for name, p in defaults.items() if p.default is not inspect.Parameter.empty}
     model.update({k: v for k, v in model_args.items() if k not in ("optimizer", "lr_scheduler")})
-    data = dict(text["data"]["init_args"])
+    data = dict(settings["data"]["init_args"])
     augment = data.pop("augment")["init_args"]
     return {
         "model": model,
@@ -46,13 +47,13 @@ def recipe(config: Path = CONFIG) -> dict:
         "lr_scheduler": model_args["lr_scheduler"],
         "augment": augment,
         "data": data,
-        "epochs": text["trainer"]["max_epochs"],
+        "epochs": settings["trainer"]["max_epochs"],
     }
 
 
 def class_of(spec: dict) -> type:
     module, _, name = spec["class_path"].rpartition(".")
-    return getattr(__import__(module, fromlist=[name]), name)
+    return getattr(importlib.import_module(module), name)
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -66,7 +67,6 @@ def main(argv: list[str] | None = None) -> float:
     torch.manual_seed(args.seed)
     hp = recipe(args.config)
     epochs = args.epochs or hp["epochs"]
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     data = MNISTDataModule(data_dir=str(args.data_dir), **hp["data"])
