@@ -86,6 +86,21 @@ def nearest_neighbour_logits(support: Tensor, labels: Tensor, query: Tensor, way
     return -best
 
 
+def all_pairs_logits(embeddings: Tensor, way: int) -> tuple[Tensor, Tensor]:
+    """:meth:`ProtoNet.column_pair_logits` from the embeddings of a checked one-shot episode (its ``way`` support
+    drawings, then its queries class by class): a ``(way, 1 + query)`` grid, every column the support of every other."""
+    grid = torch.cat([embeddings[:way, None], embeddings[way:].reshape(way, len(embeddings) // way - 1, -1)], 1)
+    grid = grid.transpose(0, 1)  # (columns, way, d)
+    # |a|^2 + |b|^2 - 2ab: ~40x faster on a CPU than broadcasting the exact differences (a loss, not a reported
+    # distance)
+    squares = grid.pow(2).sum(-1)
+    products = torch.einsum("iad,jbd->ijab", grid, grid)
+    distances = squares[:, None, :, None] + squares[None, :, None, :] - 2 * products  # (to, from, way, way)
+    pairs = ~torch.eye(len(grid), dtype=torch.bool, device=grid.device)
+    labels = torch.arange(way, device=grid.device).repeat(int(pairs.sum()))
+    return -distances[pairs].reshape(-1, way), labels
+
+
 def mean_and_ci95(values: Tensor) -> tuple[float, float]:
     """Mean of per-episode accuracies and the half-width of its 95 % confidence interval, ``1.96 * std / sqrt(n)``
     (the normal interval few-shot papers report); NaN half-width with fewer than 2 episodes."""
@@ -324,15 +339,7 @@ class ProtoNet(FewShotModule):
                 f"and {len(query)} query drawings for {way} classes. Set --data.init_args.train_shot 1, or "
                 "--model.init_args.all_pairs false."
             )
-        embeddings = self.embed(torch.cat([support, query]))
-        grid = torch.cat([embeddings[:way, None], embeddings[way:].reshape(way, columns, -1)], 1).transpose(0, 1)
-        # |a|^2 + |b|^2 - 2ab: ~40x faster on a CPU than broadcasting the exact differences (a loss, not a reported
-        # distance)
-        squares = grid.pow(2).sum(-1)
-        products = torch.einsum("iad,jbd->ijab", grid, grid)
-        distances = squares[:, None, :, None] + squares[None, :, None, :] - 2 * products  # (to, from, way, way)
-        pairs = ~torch.eye(len(grid), dtype=torch.bool, device=grid.device)
-        return -distances[pairs].reshape(-1, way), labels.repeat(int(pairs.sum()))
+        return all_pairs_logits(self.embed(torch.cat([support, query])), way)
 
     def training_step(self, episode: Episode, batch_idx: int) -> Tensor:
         if self.all_pairs:

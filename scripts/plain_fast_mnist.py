@@ -14,15 +14,13 @@ or time) is the framework's::
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
+from plain_recipe import class_of, read_recipe
 
 from datamodules import MNISTDataModule
 from datamodules.augment import BatchAugment
@@ -32,28 +30,8 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist" / "fast.yaml"
 
 
 def recipe(config: Path = CONFIG) -> dict:
-    """The config's settings: ``model`` (CNNClassifier's defaults under the config's), ``optimizer``,
-    ``lr_scheduler``, ``augment``, ``data`` (the datamodule's other arguments) and ``epochs``."""
-    settings = yaml.safe_load(config.read_text())
-    model_args = dict(settings["model"]["init_args"])
-    defaults = inspect.signature(CNNClassifier.__init__).parameters
-    model = {name: p.default for name, p in defaults.items() if p.default is not inspect.Parameter.empty}
-    model.update({k: v for k, v in model_args.items() if k not in ("optimizer", "lr_scheduler")})
-    data = dict(settings["data"]["init_args"])
-    augment = data.pop("augment")["init_args"]
-    return {
-        "model": model,
-        "optimizer": model_args["optimizer"],
-        "lr_scheduler": model_args["lr_scheduler"],
-        "augment": augment,
-        "data": data,
-        "epochs": settings["trainer"]["max_epochs"],
-    }
-
-
-def class_of(spec: dict) -> type:
-    module, _, name = spec["class_path"].rpartition(".")
-    return getattr(importlib.import_module(module), name)
+    """The config's settings (:func:`plain_recipe.read_recipe`), the model's under CNNClassifier's defaults."""
+    return read_recipe(config, CNNClassifier)
 
 
 def main(argv: list[str] | None = None) -> float:

@@ -1,0 +1,37 @@
+"""A recipe's settings read from its config file, for the plain PyTorch loops (``scripts/plain_fast_*.py``), so that
+a loop trains what the config says rather than values re-typed by hand."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+
+import yaml
+
+
+def read_recipe(config: Path, module_class: type) -> dict:
+    """The config's settings: ``model`` (``module_class``'s defaults under the config's model arguments),
+    ``optimizer`` and ``lr_scheduler`` (``class_path`` + ``init_args``), ``augment`` (the datamodule's augmentation
+    arguments, or None), ``data`` (the datamodule's other arguments) and ``epochs`` (``trainer.max_epochs``)."""
+    settings = yaml.safe_load(config.read_text())
+    model_args = dict(settings["model"]["init_args"])
+    defaults = inspect.signature(module_class.__init__).parameters
+    model = {name: p.default for name, p in defaults.items() if p.default is not inspect.Parameter.empty}
+    model.update({k: v for k, v in model_args.items() if k not in ("optimizer", "lr_scheduler")})
+    data = dict(settings["data"]["init_args"])
+    augment = data.pop("augment", None)
+    return {
+        "model": model,
+        "optimizer": model_args["optimizer"],
+        "lr_scheduler": model_args["lr_scheduler"],
+        "augment": augment["init_args"] if augment else None,
+        "data": data,
+        "epochs": settings["trainer"]["max_epochs"],
+    }
+
+
+def class_of(spec: dict) -> type:
+    """The class a ``class_path`` names, e.g. ``torch.optim.AdamW``."""
+    module, _, name = spec["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module), name)
