@@ -3,12 +3,15 @@ config."""
 
 from __future__ import annotations
 
+import csv
 import re
+from pathlib import Path
 
 import pytest
 import yaml
 from omniglot_fakes import write_tree
 from plain_fast_omniglot import CONFIG, main, recipe
+from train import main as train_main
 
 from datamodules.base import DataNotFoundError
 
@@ -21,7 +24,7 @@ def test_the_loop_takes_the_shipped_recipe_from_the_config():
     assert hp["augment"]["rotation_range"] == 10 and hp["data"]["train_way"] == 20 and hp["data"]["channels_last"]
 
 
-def test_the_loop_learns_generated_alphabets_and_tests_on_a_held_out_one(tmp_path, capsys):
+def test_the_loop_learns_as_the_cli_run_of_its_config_does(tmp_path, capsys, monkeypatch):
     base = tmp_path / "omniglot-py"
     write_tree(base / "images_background_small1", {"Alpha": 6, "Beta": 6}, size=35, seed=1)
     write_tree(base / "images_background_small2", {"Gamma": 7}, size=35, seed=1)
@@ -36,6 +39,15 @@ def test_the_loop_learns_generated_alphabets_and_tests_on_a_held_out_one(tmp_pat
     losses = [float(x) for x in re.findall(r"epoch \d: loss ([\d.]+)", out)]
     assert len(losses) == 3 and losses[-1] < 0.5 * losses[0]  # untrained (lr 0): about 3.0 every epoch
     assert "over 40 runs" in out and accuracy >= 0.95  # 5-way runs of the unseen alphabet; untrained: 0.9
+    # The CLI run of the same config and seed trains on the same episodes from the same weights: the same losses.
+    monkeypatch.chdir(tmp_path)
+    cli = train_main(["fit", "-c", str(config), "--data.init_args.data_dir", str(tmp_path), "--trainer.max_epochs", "3",
+                      "--data.init_args.test_alphabets", "[Gamma]", "--trainer.accelerator", "cpu",
+                      "--trainer.enable_progress_bar", "false", "--curves", "null"])  # fmt: skip
+    with (Path(cli.trainer.log_dir) / "metrics.csv").open(newline="") as f:
+        cli_losses = [float(row["train/loss"]) for row in csv.DictReader(f) if row["train/loss"]]
+    assert cli_losses == pytest.approx(losses, abs=1e-4)
+    assert cli.trainer.callback_metrics["test/acc"] == pytest.approx(accuracy)
 
 
 def test_missing_drawings_name_the_folder(tmp_path):
