@@ -87,18 +87,15 @@ def nearest_neighbour_logits(support: Tensor, labels: Tensor, query: Tensor, way
 
 
 def all_pairs_logits(embeddings: Tensor, way: int) -> tuple[Tensor, Tensor]:
-    """:meth:`ProtoNet.column_pair_logits` from the embeddings of a checked one-shot episode (its ``way`` support
-    drawings, then its queries class by class): a ``(way, 1 + query)`` grid, every column the support of every other."""
-    grid = torch.cat([embeddings[:way, None], embeddings[way:].reshape(way, len(embeddings) // way - 1, -1)], 1)
-    grid = grid.transpose(0, 1)  # (columns, way, d)
-    # |a|^2 + |b|^2 - 2ab: ~40x faster on a CPU than broadcasting the exact differences (a loss, not a reported
-    # distance)
+    """The logits and labels of :meth:`ProtoNet.column_pair_logits` from the embeddings of the one-shot episode it
+    checked (its ``way`` support drawings, then its queries class by class)."""
+    queries = embeddings[way:].reshape(way, len(embeddings) // way - 1, -1)
+    grid = torch.cat([embeddings[:way, None], queries], 1).transpose(0, 1)  # (columns, way, d)
+    # (to, from, way, way) as |a|^2 + |b|^2 - 2ab: ~40x faster on a CPU than exact differences (a loss, not a report)
     squares = grid.pow(2).sum(-1)
-    products = torch.einsum("iad,jbd->ijab", grid, grid)
-    distances = squares[:, None, :, None] + squares[None, :, None, :] - 2 * products  # (to, from, way, way)
+    distances = squares[:, None, :, None] + squares[None, :, None, :] - 2 * torch.einsum("iad,jbd->ijab", grid, grid)
     pairs = ~torch.eye(len(grid), dtype=torch.bool, device=grid.device)
-    labels = torch.arange(way, device=grid.device).repeat(int(pairs.sum()))
-    return -distances[pairs].reshape(-1, way), labels
+    return -distances[pairs].reshape(-1, way), torch.arange(way, device=grid.device).repeat(int(pairs.sum()))
 
 
 def mean_and_ci95(values: Tensor) -> tuple[float, float]:
@@ -322,9 +319,8 @@ class ProtoNet(FewShotModule):
 
     def column_pair_logits(self, episode: Episode) -> tuple[Tensor, Tensor]:
         """``all_pairs`` scores of a one-shot episode: for every ordered pair ``(i, j)`` of distinct columns of its
-        ``(way, 1 + query)`` grid of drawings, minus the squared distances of column ``i``'s drawings to column
-        ``j``'s, which serve as the one-shot support; ``(pairs * way, way)`` logits and their ``(pairs * way,)``
-        labels, pairs in row-major order."""
+        ``(way, 1 + query)`` grid of drawings, minus the squared distances of column ``i``'s drawings to column ``j``'s
+        (the support); ``(pairs * way, way)`` logits and their labels, pairs in row-major order."""
         support, query, way = episode["support"], episode["query"], self.way(episode)
         labels = torch.arange(way, device=support.device)
         columns = len(query) // way
