@@ -11,13 +11,17 @@ import yaml
 
 
 def read_recipe(config: Path, module_class: type) -> dict:
-    """The config's settings: ``model`` (``module_class``'s defaults under the config's model arguments),
-    ``optimizer`` and ``lr_scheduler`` (``class_path`` + ``init_args``), ``augment`` (the datamodule's augmentation
-    arguments, or None), ``data`` (the datamodule's other arguments) and ``epochs`` (``trainer.max_epochs``)."""
+    """The config's settings: ``model`` (the defaults of ``module_class`` and its base classes under the config's model
+    arguments), ``optimizer`` and ``lr_scheduler`` (``class_path`` + ``init_args``), ``augment`` (the datamodule's
+    augmentation arguments, or None), ``data`` (the datamodule's other arguments) and ``epochs``
+    (``trainer.max_epochs``)."""
     settings = yaml.safe_load(config.read_text())
     model_args = dict(settings["model"]["init_args"])
-    defaults = inspect.signature(module_class.__init__).parameters
-    model = {name: p.default for name, p in defaults.items() if p.default is not inspect.Parameter.empty}
+    model = {}
+    for cls in reversed(module_class.__mro__):  # a subclass's defaults over its base classes' (ProtoNet's **kwargs)
+        if "__init__" in vars(cls):
+            params = inspect.signature(cls.__init__).parameters
+            model.update({name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty})
     model.update({k: v for k, v in model_args.items() if k not in ("optimizer", "lr_scheduler")})
     data = dict(settings["data"]["init_args"])
     augment = data.pop("augment", None)

@@ -16,12 +16,17 @@ from train import main as train_main
 from datamodules.base import DataNotFoundError
 
 
-def test_the_loop_takes_the_shipped_recipe_from_the_config():
+def test_the_loop_takes_the_shipped_recipe_from_the_config(tmp_path):
     hp = recipe()
     assert hp["epochs"] == 10 and hp["model"]["filters"] == [32, 64, 128, 256] and hp["model"]["all_pairs"]
     assert hp["model"]["tta_symmetries"] == 8 and hp["model"]["blocks"] == 4 and hp["model"]["tta_shift"] == 0
     assert hp["optimizer"]["class_path"] == "torch.optim.AdamW" and hp["lr_scheduler"]["init_args"]["max_lr"] == 0.004
     assert hp["augment"]["rotation_range"] == 10 and hp["data"]["train_way"] == 20 and hp["data"]["channels_last"]
+    settings = yaml.safe_load(CONFIG.read_text())
+    del settings["model"]["init_args"]["input_shape"]
+    config = tmp_path / "fast.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    assert recipe(config)["model"]["input_shape"] == (1, 28, 28)  # ProtoNet's base class, FewShotModule, sets it
 
 
 def test_the_loop_learns_as_the_cli_run_of_its_config_does(tmp_path, capsys, monkeypatch):
