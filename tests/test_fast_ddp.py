@@ -6,8 +6,8 @@ IMDB: full-batch steps (global batch = every training review), so the two proces
 batch whatever order the samplers draw, and the mean loss averages to the full-batch gradient; the NB ratio must come
 from all the training reviews on both ranks. Omniglot: one episode a process and step against one process accumulating
 two episodes; the episode sampler must deal the one process's episodes out to the ranks, and BatchNorm's batch
-statistics are an episode's either way (CPU DDP has no SyncBatchNorm). All three use SGD, whose step is proportional to the
-gradient (Adam's step turns rounding in near-zero gradients into whole steps), and one thread a process: with 2
+statistics are an episode's either way (CPU DDP has no SyncBatchNorm). All three use SGD, whose step is proportional
+to the gradient (Adam's step turns rounding in near-zero gradients into whole steps), and one thread a process: with 2
 threads in the one process, as Lightning gives 1 to each of 2 DDP processes on 2 cores, the convolutions add in
 another order and the Omniglot parameters drift 2e-2 apart in 4 steps. Measured: the parameters agree to 1.2e-7
 (MNIST), 6e-8 (IMDB) and exactly (Omniglot); with the NB ratio counted on each rank's shard of the reviews, the ratios
